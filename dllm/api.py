@@ -1,0 +1,160 @@
+"""The Python API, in vLLM's shape:
+
+    llm = LLM("GSAI-ML/LLaDA-8B-Instruct", cache="dual", strategy="threshold")
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=64, threshold=0.9))
+    print(out[0].text, out[0].metrics.tokens_per_second)
+    for event in llm.stream("Tell me a story"): print(event.delta_text, end="")
+
+Engine settings (model, dtype, device, cache, strategy) are fixed when the `LLM` is built; per-request
+settings live in `SamplingParams`; checkpoint facts (mask id, stop ids, defaults) come from the checkpoint.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tqdm import tqdm
+
+from cache import make_cache
+from decoding import strategy_class
+from dllm.engine import Engine, Request
+from dllm.errors import InvalidParameterError
+from dllm.models.loader import load_model
+from dllm.outputs import RequestOutput, StreamEvent
+from dllm.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """A loaded diffusion LM with one cache policy and one decoding strategy."""
+
+    def __init__(self, model: str | Path, *, cache: str = "none", strategy: str = "reference", dtype: str = "auto",
+                 device: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
+                 max_batch_size: int = 32):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise InvalidParameterError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        make_cache(cache)  # unknown names fail before the (possibly long) load
+        strategy_class(strategy)
+        self.loaded = load_model(model, dtype=dtype, device=device, revision=revision,
+                                 trust_remote_code=trust_remote_code)
+        self.engine = Engine(self.loaded, cache=cache, strategy=strategy)
+        self.max_batch_size = max_batch_size
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def spec(self):
+        return self.loaded.spec
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for each prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs keep prompt order."""
+        requests = self._requests(_as_list(prompts), sampling_params)
+        outputs: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(requests), desc="requests", disable=not use_tqdm)
+        for event in self._run(requests):
+            if event.output is not None:
+                outputs[event.request_id] = event.output
+                bar.update(1)
+        bar.close()
+        return [outputs[r.request_id] for r in requests]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, formatted by the checkpoint's chat template."""
+        return self.generate(self._chat_prompts(messages), sampling_params, use_tqdm=use_tqdm)
+
+    def stream(self, prompts: PromptType | Sequence[PromptType],
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[StreamEvent]:
+        """Yield text as it becomes final (left to right, typically a block at a time); the event that finishes a
+        request carries its `RequestOutput`."""
+        yield from self._run(self._requests(_as_list(prompts), sampling_params))
+
+    def stream_chat(self, messages: list[dict] | list[list[dict]],
+                    sampling_params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        yield from self.stream(self._chat_prompts(messages), sampling_params)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidParameterError("this checkpoint's tokenizer has no chat template; use generate() with a plain prompt")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise InvalidParameterError('messages must be a list of {"role": ..., "content": ...} dicts')
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _chat_prompts(self, messages) -> list[dict]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conv in conversations:
+            text = self.apply_chat_template(conv)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return prompts
+
+    def _requests(self, prompts: list, sampling_params) -> list[Request]:
+        if not prompts:
+            raise InvalidParameterError("no prompts given")
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidParameterError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt")
+        return [self._request(p, sp or SamplingParams()) for p, sp in zip(prompts, params)]
+
+    def _request(self, prompt, params: SamplingParams) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        self._check_strategy_fields(params)
+        resolved = params.resolve(self.spec.defaults, uses_steps=self.engine.strategy_cls.uses_steps)
+        text, ids = self._tokenize(prompt)
+        request = Request(str(next(self._ids)), ids, resolved, text)
+        self.engine.check_request(request)
+        return request
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"], self.loaded.arch.vocab_size)
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        if isinstance(prompt, (list, tuple)):
+            return None, _token_list(prompt, self.loaded.arch.vocab_size)
+        raise InvalidParameterError(f"a prompt must be a string, a list of token ids or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def _check_strategy_fields(self, params: SamplingParams) -> None:
+        name = self.engine.strategy_name
+        for field_name in ("threshold", "factor"):
+            if getattr(params, field_name) is not None and name != field_name:
+                raise InvalidParameterError(
+                    f"{field_name} applies to strategy='{field_name}', but this LLM decodes with strategy='{name}'; "
+                    f"build LLM(..., strategy='{field_name}') (CLI: --strategy {field_name})")
+
+    def _run(self, requests: list[Request]) -> Iterator[StreamEvent]:
+        groups: dict[tuple, list[Request]] = {}
+        for r in requests:
+            groups.setdefault(r.params.batch_key(), []).append(r)
+        for group in groups.values():
+            for i in range(0, len(group), self.max_batch_size):
+                yield from self.engine.run(group[i:i + self.max_batch_size])
+
+
+def _as_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # one prompt given as token ids
+    if isinstance(prompts, Iterable):
+        return list(prompts)
+    raise InvalidParameterError(f"prompts must be a string, token ids, or a list of them, got {type(prompts).__name__}")
+
+
+def _token_list(ids, vocab_size: int) -> list[int]:
+    ids = list(ids)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise InvalidParameterError(f"prompt token ids must be integers in [0, {vocab_size})")
+    return ids

@@ -1,0 +1,46 @@
+"""Attention: the one call every layer makes, and the contract between the model and a KV cache.
+
+The model never decides which keys a query sees. Each forward receives an `AttentionPlan` (built by a cache
+policy, see `cache/base.py`) that, per layer, stores the freshly computed keys/values where the policy wants
+them and returns the keys/values to attend to, plus a boolean mask. This module knows nothing about any
+policy; it only runs scaled dot-product attention.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionPlan(Protocol):
+    """Per-forward answer to "which K/V does each layer attend to".
+
+    `attn_mask`: bool, broadcastable to [B, H, Lq, Lk], True = may attend; None = attend to everything.
+    `kv(layer, k, v)`: k, v are the fed tokens' post-RoPE keys/values [B, Hkv, Lq, D]; returns the keys and
+    values to attend to, [B, Hkv, Lk, D].
+    """
+
+    attn_mask: torch.Tensor | None
+
+    def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B, 1, Lq|1, Lk] -> [B, H, Lq, D].
+
+    PyTorch SDPA picks FlashAttention / memory-efficient / math kernels by device, dtype and mask; with no
+    mask the flash kernel is eligible on CUDA.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+
+
+def key_padding_mask(key_valid: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, Lk] bool (True = real token) -> [B, 1, 1, Lk] attention mask, or None when nothing is padded."""
+    if key_valid is None:
+        return None
+    return key_valid[:, None, None, :]

@@ -1,0 +1,201 @@
+"""The engine: the one denoising loop, batched over rows with their own prompt lengths, seeds and stop state.
+
+For each block, left to right, until no row has a MASK left in it:
+    plan   = cache.plan(block, step)                 which slice to compute, which K/V to reuse
+    logits = model(canvas[plan], plan)               logits for the block's positions only
+    x0, commit = strategy.step(logits, masked)       which masked positions become final, with which tokens
+    canvas[block] = where(commit, x0, canvas[block])
+A row stops as soon as a stop token is committed with nothing masked before it; it leaves the batch and its
+output is final (every later position could only follow the stop token). Text becomes final left to right,
+and each step yields the newly final text of every row as `StreamEvent`s.
+
+The engine knows no model family, strategy or cache by name: it drives the three interfaces. Per step it makes
+one device-to-host transfer (row status), which the block-completion test needs anyway.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from cache import make_cache
+from decoding import strategy_class
+from dllm.canvas import Canvas
+from dllm.errors import InvalidParameterError
+from dllm.models.loader import LoadedModel
+from dllm.outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamEvent
+from dllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # resolved (every field set)
+    prompt: str | None = None
+
+
+@dataclass
+class _Row:
+    """Running state of one request inside a batch."""
+
+    request: Request
+    generator: torch.Generator | None
+    nfe: int = 0
+    emitted_tokens: int = 0
+    emitted_text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cache: str = "none", strategy: str = "reference"):
+        make_cache(cache)  # validate the names now, not at the first request
+        strategy_class(strategy)
+        self.loaded, self.cache_name, self.strategy_name = loaded, cache, strategy
+        self.model, self.spec, self.tokenizer = loaded.model, loaded.spec, loaded.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+
+    @property
+    def strategy_cls(self):
+        return strategy_class(self.strategy_name)
+
+    def check_request(self, request: Request) -> None:
+        n, limit = len(request.prompt_token_ids), self.spec.max_length
+        if n == 0:
+            raise InvalidParameterError("the prompt is empty; give at least one token of prompt")
+        if n + request.params.max_tokens > limit:
+            raise InvalidParameterError(
+                f"prompt of {n} tokens plus max_tokens {request.params.max_tokens} exceeds the model's context of "
+                f"{limit} tokens; shorten the prompt or lower max_tokens")
+        if request.params.cfg_scale > 0 and self.spec.attention != "full":
+            raise InvalidParameterError("cfg_scale needs a model with full attention; set cfg_scale=0")
+
+    def run(self, requests: list[Request]) -> Iterator[StreamEvent]:
+        """Decode `requests` (same batch key) together, yielding newly final text after every step."""
+        params = requests[0].params
+        if any(r.params.batch_key() != params.batch_key() for r in requests):
+            raise InvalidParameterError("requests in one engine batch must share their decoding settings")
+        for r in requests:
+            self.check_request(r)
+        with torch.no_grad():
+            yield from _Run(self, requests).events()
+
+
+class _Run:
+    """One decoding run over a batch; owns the canvas, the cache policy and the strategy state."""
+
+    def __init__(self, engine: Engine, requests: list[Request]):
+        self.engine, self.spec = engine, engine.spec
+        self.params = p = requests[0].params
+        self.canvas = Canvas([r.prompt_token_ids for r in requests], p.max_tokens, p.block_length, self.spec,
+                             engine.device)
+        self.rows = [_Row(r, _generator(r.params.seed, engine.device)) for r in requests]
+        self.strategy = engine.strategy_cls(p, self.spec)
+        self.cache = make_cache(engine.cache_name)
+        self.cfg = p.cfg_scale > 0
+        batch = len(requests) * (2 if self.cfg else 1)
+        self.cache.allocate(batch, self.canvas.length, engine.loaded.arch, engine.dtype, engine.device)
+        stops = sorted(set(() if p.ignore_eos else self.spec.stop_ids) | set(p.stop_token_ids))
+        self.stop_ids = torch.tensor(stops, dtype=torch.long, device=engine.device)
+        self.start_time = time.perf_counter()
+
+    def events(self) -> Iterator[StreamEvent]:
+        canvas = self.canvas
+        for b in range(canvas.num_blocks):
+            start, end = canvas.block(b)
+            self.strategy.begin_block(canvas.tokens[:, start:end] == self.spec.mask_id)
+            for step in range(canvas.block_length + 1):
+                if step == canvas.block_length:
+                    raise RuntimeError(f"strategy {self.strategy.name!r} made no progress in block {b}")
+                self._step(start, end, step)
+                first_mask, first_stop = canvas.status(self.stop_ids)
+                yield from self._emit(b, first_mask, first_stop)
+                if not self.rows:
+                    return
+                if min(first_mask) >= end - canvas.gen_start:
+                    break
+        yield from self._emit(canvas.num_blocks - 1, *canvas.status(self.stop_ids), final=True)
+
+    def _step(self, start: int, end: int, step: int) -> None:
+        block = self.canvas.tokens[:, start:end]
+        masked = block == self.spec.mask_id
+        logits = self._forward(start, end, step)
+        x0, commit = self.strategy.step(logits, masked, [r.generator for r in self.rows])
+        self.canvas.tokens[:, start:end] = torch.where(commit, x0, block)
+        for row in self.rows:
+            row.nfe += 1
+
+    def _forward(self, start: int, end: int, step: int) -> torch.Tensor:
+        """Logits [B, end - start, V] for the block, through the cache policy (and CFG when enabled)."""
+        c = self.canvas
+        tokens, positions, key_valid = c.tokens, c.positions, c.key_valid
+        if self.cfg:  # unconditional rows: the same canvas with the prompt (and padding) masked
+            uncond = tokens.clone()
+            uncond[:, :c.gen_start] = self.spec.mask_id
+            tokens, positions = torch.cat([tokens, uncond]), torch.cat([positions, positions])
+            key_valid = None if key_valid is None else torch.cat([key_valid, key_valid])
+        plan = self.cache.plan(start, end, step, key_valid)
+        shift = int(self.spec.shift_logits)
+        logits = self.engine.model(tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end], plan,
+                                   logits_range=(start - plan.start - shift, end - plan.start - shift))
+        if self.cfg:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
+        return logits
+
+    def _emit(self, block: int, first_mask: list[int], first_stop: list[int], final: bool = False):
+        """Yield newly final text per row; finish rows whose stop token is final (or all rows if `final`)."""
+        done = []
+        gen_rows = None
+        for i, row in enumerate(self.rows):
+            stopped = first_stop[i] < first_mask[i]
+            final_len = first_stop[i] + 1 if stopped else first_mask[i]
+            if final_len > row.emitted_tokens or stopped or final:
+                if gen_rows is None:
+                    gen_rows = self.canvas.tokens[:, self.canvas.gen_start:].tolist()
+                row.token_ids = gen_rows[i][:final_len]
+                yield self._event(row, block, stopped, finished=stopped or final)
+            if stopped or final:
+                done.append(i)
+        if done:
+            keep = [i for i in range(len(self.rows)) if i not in done]
+            self._select_rows(keep)
+
+    def _event(self, row: _Row, block: int, stopped: bool, finished: bool) -> StreamEvent:
+        tok = self.engine.tokenizer
+        ids = row.token_ids[:-1] if stopped else row.token_ids
+        text = tok.decode(ids, skip_special_tokens=row.request.params.skip_special_tokens)
+        if not finished and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            text = text.rstrip("\ufffd")
+        delta_ids = row.token_ids[row.emitted_tokens:]
+        delta_text = text[len(row.emitted_text):] if text.startswith(row.emitted_text) else text
+        row.emitted_tokens, row.emitted_text = len(row.token_ids), text
+        output = self._output(row, text, "stop" if stopped else "length") if finished else None
+        return StreamEvent(row.request.request_id, delta_text, delta_ids, block, self.canvas.num_blocks, output)
+
+    def _output(self, row: _Row, text: str, reason: str) -> RequestOutput:
+        latency = time.perf_counter() - self.start_time
+        metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency)
+        r = row.request
+        return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
+                             [CompletionOutput(0, text, list(row.token_ids), reason)], metrics)
+
+    def _select_rows(self, keep: list[int]) -> None:
+        batch = len(self.rows)
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
+        self.canvas.select_rows(idx)
+        self.strategy.select_rows(idx)
+        self.cache.select_rows(torch.cat([idx, idx + batch]) if self.cfg else idx)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)

@@ -1,0 +1,18 @@
+"""User-facing errors. Each message is one line that says what is wrong and how to fix it; the CLI prints
+it as `error: <message>` and exits with status 2, the API raises it (all are `ValueError`s)."""
+
+
+class DllmError(ValueError):
+    """Base class: bad input from the user, never a bug in dllm."""
+
+
+class ModelNotFoundError(DllmError):
+    """The model path or hub id cannot be resolved to a checkpoint directory."""
+
+
+class UnsupportedModelError(DllmError):
+    """The checkpoint is of an architecture or layout dllm does not implement."""
+
+
+class InvalidParameterError(DllmError):
+    """A sampling, cache, strategy or device option has a value that cannot work."""

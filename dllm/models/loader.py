@@ -1,0 +1,186 @@
+"""Loading a checkpoint: a local directory in the Hugging Face layout or a hub id, `config.json` (+
+`generation_config.json`), `*.safetensors` (single or sharded with `model.safetensors.index.json`) and the
+tokenizer through `transformers.AutoTokenizer`.
+
+The family adapter is picked from config.json by the registry; this module only moves bytes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dllm.errors import InvalidParameterError, ModelNotFoundError, UnsupportedModelError
+from dllm.models.core import Transformer
+from dllm.models.registry import adapter_for
+from dllm.models.spec import ArchConfig, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp64": torch.float64, "float64": torch.float64,
+}
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    spec: ModelSpec
+    tokenizer: object
+    path: Path
+    arch: ArchConfig
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidParameterError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError("CUDA was requested but no GPU is available here; pass device='cpu' (CLI: --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidParameterError(f"{dev} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidParameterError(f"device {dev.type!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if str(dtype).lower() not in _DTYPES:
+        raise InvalidParameterError(f"unknown dtype {dtype!r}; use one of auto, bfloat16, float16, float32")
+    return _DTYPES[str(dtype).lower()]
+
+
+def resolve_path(model: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory, downloading a hub id with huggingface_hub when it is not local."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+    if not looks_like_hub_id:
+        raise ModelNotFoundError(f"model directory {text!r} does not exist; pass a checkpoint directory or a hub id like GSAI-ML/LLaDA-8B-Instruct")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_FILES))
+    except Exception as exc:  # any hub failure (offline, 404, auth) becomes one actionable line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(
+            f"{text!r} is not a local directory and could not be downloaded from the Hugging Face hub "
+            f"({type(exc).__name__}: {reason[:200]}); check the name or pass a local checkpoint directory") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnsupportedModelError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoConfig warns that it does not know our families' model_type
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"cannot load the tokenizer from {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+            "the directory needs tokenizer.json or vocab files and tokenizer_config.json"
+            + ("" if trust_remote_code else ", or pass trust_remote_code=True (CLI: --trust-remote-code) for a custom tokenizer class")) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return tok
+
+
+def load_model(model: str | Path, *, dtype="auto", device="auto", revision: str | None = None,
+               trust_remote_code: bool = False, random_weights: bool = False, seed: int = 0) -> LoadedModel:
+    """Resolve, read and build. `random_weights=True` skips the safetensors (benchmarks of a real shape)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = resolve_path(model, revision)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
+    cfg = read_json(path / "config.json")
+    gen_cfg = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    adapter = adapter_for(cfg, where=str(path))
+    arch = adapter.arch_config(cfg)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    spec = adapter.spec(cfg, gen_cfg, tokenizer)
+    with torch.device("meta"):
+        net = Transformer(arch)
+    if random_weights:
+        _init_random(net, dev, dt, seed)
+    else:
+        _load_safetensors(net, path, adapter, dev, dt)
+    net.eval().requires_grad_(False)
+    logger.info("loaded %s (%s, %.2fB parameters) on %s as %s", path, adapter.family, arch.num_parameters / 1e9, dev, dt)
+    return LoadedModel(net, spec, tokenizer, path, arch)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(read_json(index)["weight_map"].values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ModelNotFoundError(f"{path} is missing shard(s) {missing[:3]} named in model.safetensors.index.json; re-download the checkpoint")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{path} has no *.safetensors weights; dllm loads safetensors checkpoints only")
+    return files
+
+
+def _load_safetensors(net: Transformer, path: Path, adapter, device: torch.device, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
+    unknown = []
+    for file in _weight_files(path):
+        state = {}
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                ours = adapter.map_name(name)
+                if ours is None:
+                    unknown.append(name)
+                    continue
+                state[ours] = f.get_tensor(name).to(dtype)
+        _check_shapes(net, state, file)
+        net.load_state_dict(state, strict=False, assign=True)
+    if unknown:
+        raise UnsupportedModelError(f"{path} holds tensors the {adapter.family} layout does not have, e.g. {unknown[:3]}; is it a {adapter.family} checkpoint?")
+    if net.cfg.tie_word_embeddings:
+        net.lm_head.weight = net.embed.weight
+    missing = [n for n, p in net.named_parameters() if p.is_meta]
+    if missing:
+        raise UnsupportedModelError(f"{path} lacks weights the {adapter.family} layout needs, e.g. {missing[:3]} (in dllm's names); the checkpoint is incomplete")
+
+
+def _check_shapes(net: Transformer, state: dict, file: Path) -> None:
+    params = dict(net.named_parameters())
+    for name, tensor in state.items():
+        want = params[name].shape
+        if tensor.shape != want:
+            raise UnsupportedModelError(f"{file.name}: tensor for {name} has shape {tuple(tensor.shape)} but config.json implies {tuple(want)}")
+
+
+def _init_random(net: Transformer, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    net.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in net.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)

@@ -1,0 +1,135 @@
+"""Per-request decoding settings, validated on construction (vLLM's `SamplingParams` shape).
+
+Fields left as None take the checkpoint's default (`ModelSpec.defaults`, filled from the family adapter and
+`generation_config.json`) when the request is resolved against a model; `resolve()` also checks what can only
+be checked then (divisibility, context length).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from dllm.errors import InvalidParameterError
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None
+    """Generation length (LLaDA's `gen_length`): the number of MASK positions appended to the prompt. A row
+    stops earlier once a stop token is final. Default: the checkpoint's (128 for LLaDA)."""
+
+    block_length: int | None = None
+    """Semi-autoregressive block size: blocks are decoded left to right; must divide `max_tokens`.
+    Default: the checkpoint's (32 for LLaDA), or `max_tokens` when that default does not divide it."""
+
+    steps: int | None = None
+    """Denoising steps over the whole generation for the `reference` strategy (split evenly across blocks; must
+    be a multiple of the number of blocks). Default: `max_tokens` (one token per step). Threshold and factor
+    strategies decide their own number of steps."""
+
+    temperature: float = 0.0
+    """Sampling temperature (float64 Gumbel-max); 0 = greedy."""
+
+    remasking: str = "low_confidence"
+    """Which masked positions a step commits first: `low_confidence` (highest model probability first) or
+    `random` (uniformly random order)."""
+
+    cfg_scale: float = 0.0
+    """Unsupervised classifier-free guidance: logits = u + (cfg_scale + 1) (c - u), where u comes from the
+    canvas with the prompt masked. Doubles the batch of every forward. 0 = off."""
+
+    threshold: float | None = None
+    """`threshold` strategy (Fast-dLLM): commit every masked position of the block whose confidence is at least
+    this (and always the most confident one). Default 0.9."""
+
+    factor: float | None = None
+    """`factor` strategy (Fast-dLLM): commit the top n positions with (n + 1)(1 - c_n) < factor. Default 1.0."""
+
+    logits_eos_inf: bool = False
+    """Never sample the EOS token (LLaDA Appendix B.4; used for code tasks with long canvases)."""
+
+    confidence_eos_eot_inf: bool = False
+    """Give EOS and end-of-turn predictions zero confidence so they are committed last (LLaDA Appendix B.4)."""
+
+    seed: int | None = None
+    """Seed of this request's own random generator: same seed, same output, whatever shares the batch."""
+
+    ignore_eos: bool = False
+    """Keep decoding past the checkpoint's stop tokens (the canvas is filled to `max_tokens`); `stop_token_ids`
+    still stop."""
+
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra token ids that end generation, on top of the checkpoint's stop ids."""
+
+    skip_special_tokens: bool = True
+    """Drop special tokens from the returned text."""
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_int("block_length", self.block_length, minimum=1)
+        _check_int("steps", self.steps, minimum=1)
+        _check_float("temperature", self.temperature, low=0.0)
+        _check_float("cfg_scale", self.cfg_scale, low=0.0)
+        if self.remasking not in REMASKING:
+            raise InvalidParameterError(f"remasking must be one of {', '.join(REMASKING)}, not {self.remasking!r}")
+        if self.threshold is not None:
+            _check_float("threshold", self.threshold, low=0.0)
+            if not 0.0 < self.threshold <= 1.0:
+                raise InvalidParameterError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.factor is not None:
+            _check_float("factor", self.factor, low=0.0)
+            if self.factor <= 0:
+                raise InvalidParameterError(f"factor must be > 0, got {self.factor}")
+        _check_int("seed", self.seed, minimum=0)
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise InvalidParameterError("stop_token_ids must be a list of non-negative integers")
+
+    def resolve(self, defaults: dict, uses_steps: bool = True) -> "SamplingParams":
+        """A copy with every None filled from `defaults` and the block/step arithmetic checked (`steps` only
+        where the strategy uses a fixed step budget)."""
+        max_tokens = self.max_tokens or defaults.get("max_tokens", 128)
+        block = self.block_length
+        if block is None:
+            block = defaults.get("block_length", max_tokens)
+            block = block if block <= max_tokens and max_tokens % block == 0 else max_tokens
+        if max_tokens % block:
+            raise InvalidParameterError(
+                f"max_tokens (gen_length) {max_tokens} is not divisible by block_length {block}; "
+                f"choose a block_length that divides it, e.g. {_divisor_near(max_tokens, block)}")
+        num_blocks = max_tokens // block
+        steps = self.steps or defaults.get("steps") or max_tokens
+        if uses_steps and steps % num_blocks:
+            raise InvalidParameterError(
+                f"steps {steps} is not a multiple of the number of blocks {num_blocks} "
+                f"(= max_tokens {max_tokens} / block_length {block}); use e.g. steps={max(num_blocks, steps // num_blocks * num_blocks)}")
+        return dataclasses.replace(self, max_tokens=max_tokens, block_length=block, steps=steps)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one canvas and one decoding loop (they may differ in seed)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("seed")
+        fields.pop("skip_special_tokens")
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(fields.items()))
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidParameterError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value, low: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameterError(f"{name} must be a number, got {value!r}")
+    if value < low:
+        raise InvalidParameterError(f"{name} must be >= {low}, got {value}")
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), d))
