@@ -28,6 +28,7 @@ class Strategy:
         self.spec = spec
         self.step_index = 0
         self._suppress = [i for i in (spec.eos_id, spec.eot_id) if i is not None]
+        self._id_tensors: dict = {}
 
     def begin_block(self, masked: torch.Tensor) -> None:
         self.step_index = 0
@@ -42,9 +43,11 @@ class Strategy:
         """-> x0 [B, Lb], confidence [B, Lb] (-inf where not masked)."""
         p = self.params
         if p.logits_eos_inf and self.spec.eos_id is not None:
-            logits = logits.clone()
-            logits[..., self.spec.eos_id] = -torch.inf
-        x0 = sample_tokens(logits, p.temperature, generators)
+            logits = logits.index_fill(-1, self._ids([self.spec.eos_id], logits), -torch.inf)
+        # The MASK token is never a prediction: sampling it would leave the position masked (the published
+        # samplers can do this at temperature > 0). Confidence still uses the unaltered distribution.
+        x0 = sample_tokens(logits.index_fill(-1, self._ids([self.spec.mask_id], logits), -torch.inf),
+                           p.temperature, generators)
         if p.remasking == "random":
             confidence = rand_like_rows(tuple(masked.shape), generators, torch.float64, masked.device)
         else:
@@ -52,10 +55,16 @@ class Strategy:
                 # LLaDA sets these logits to -inf after sampling, so they get zero probability and are
                 # committed last. (Its chained assignment does this for EOS only at temperature 0; here the
                 # documented meaning, both tokens, holds at every temperature.)
-                logits = logits.clone()
-                logits[..., self._suppress] = -torch.inf
+                logits = logits.index_fill(-1, self._ids(self._suppress, logits), -torch.inf)
             confidence = token_confidence(logits, x0, self.confidence_dtype)
         return x0, confidence.masked_fill(~masked, -torch.inf)
+
+    def _ids(self, ids: list[int], like: torch.Tensor) -> torch.Tensor:
+        """Token ids as a device tensor, made once (no host-to-device copy inside the step loop)."""
+        key = (tuple(ids), like.device)
+        if key not in self._id_tensors:
+            self._id_tensors[key] = torch.tensor(ids, dtype=torch.long, device=like.device)
+        return self._id_tensors[key]
 
     def choose(self, confidence: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

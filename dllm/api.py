@@ -32,13 +32,15 @@ class LLM:
 
     def __init__(self, model: str | Path, *, cache: str = "none", strategy: str = "reference", dtype: str = "auto",
                  device: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
-                 max_batch_size: int = 32):
+                 max_batch_size: int = 32, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
+                 seed: int = 0):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise InvalidParameterError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         make_cache(cache)  # unknown names fail before the (possibly long) load
         strategy_class(strategy)
         self.loaded = load_model(model, dtype=dtype, device=device, revision=revision,
-                                 trust_remote_code=trust_remote_code)
+                                 trust_remote_code=trust_remote_code, load_format=load_format,
+                                 skip_tokenizer_init=skip_tokenizer_init, seed=seed)
         self.engine = Engine(self.loaded, cache=cache, strategy=strategy)
         self.max_batch_size = max_batch_size
         self._ids = itertools.count()
@@ -82,7 +84,7 @@ class LLM:
         yield from self.stream(self._chat_prompts(messages), sampling_params)
 
     def apply_chat_template(self, messages: list[dict]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise InvalidParameterError("this checkpoint's tokenizer has no chat template; use generate() with a plain prompt")
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise InvalidParameterError('messages must be a list of {"role": ..., "content": ...} dicts')
@@ -115,13 +117,18 @@ class LLM:
         self.engine.check_request(request)
         return request
 
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidParameterError("this LLM was built with skip_tokenizer_init=True; pass prompts as token ids")
+        return self.tokenizer.encode(text)
+
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self._encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"], self.loaded.arch.vocab_size)
         if isinstance(prompt, dict) and "prompt" in prompt:
-            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            return prompt["prompt"], self._encode(prompt["prompt"])
         if isinstance(prompt, (list, tuple)):
             return None, _token_list(prompt, self.loaded.arch.vocab_size)
         raise InvalidParameterError(f"a prompt must be a string, a list of token ids or a dict with 'prompt_token_ids', got {type(prompt).__name__}")

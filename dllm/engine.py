@@ -170,7 +170,7 @@ class _Run:
     def _event(self, row: _Row, block: int, stopped: bool, finished: bool) -> StreamEvent:
         tok = self.engine.tokenizer
         ids = row.token_ids[:-1] if stopped else row.token_ids
-        text = tok.decode(ids, skip_special_tokens=row.request.params.skip_special_tokens)
+        text = "" if tok is None else tok.decode(ids, skip_special_tokens=row.request.params.skip_special_tokens)
         if not finished and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             text = text.rstrip("\ufffd")
         delta_ids = row.token_ids[row.emitted_tokens:]

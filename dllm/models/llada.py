@@ -80,15 +80,15 @@ class LLaDAAdapter:
         if mask_id is None:
             raise UnsupportedModelError(
                 f"cannot find the mask token: config.json has no mask_token_id and the tokenizer has no {_MASK_TOKEN}")
-        eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id", tokenizer.eos_token_id))
+        eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id", getattr(tokenizer, "eos_token_id", None)))
         eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         eot = _token_id(tokenizer, _END_OF_TURN)
         stop_ids = tuple(dict.fromkeys(i for i in [*eos_ids, eot] if i is not None))
-        pad = cfg.get("pad_token_id", tokenizer.pad_token_id)
+        pad = cfg.get("pad_token_id", getattr(tokenizer, "pad_token_id", None))
         return ModelSpec(
             family=self.family, mask_id=int(mask_id), stop_ids=stop_ids,
             pad_id=int(pad if pad is not None else eos_ids[0]),
-            eos_id=eos_ids[0], eot_id=eot, bos_id=gen_cfg.get("bos_token_id", tokenizer.bos_token_id),
+            eos_id=eos_ids[0], eot_id=eot, bos_id=gen_cfg.get("bos_token_id", getattr(tokenizer, "bos_token_id", None)),
             shift_logits=False, attention="full", max_length=cfg.get("max_sequence_length", 4096),
             defaults={"max_tokens": 128, "block_length": 32},
         )

@@ -106,9 +106,17 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
+LOAD_FORMATS = ("safetensors", "dummy")
+
+
 def load_model(model: str | Path, *, dtype="auto", device="auto", revision: str | None = None,
-               trust_remote_code: bool = False, random_weights: bool = False, seed: int = 0) -> LoadedModel:
-    """Resolve, read and build. `random_weights=True` skips the safetensors (benchmarks of a real shape)."""
+               trust_remote_code: bool = False, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
+               seed: int = 0) -> LoadedModel:
+    """Resolve, read and build. `load_format="dummy"` fills the real shape with random weights instead of
+    reading safetensors (benchmarks; vLLM's option of the same name); `skip_tokenizer_init` loads no tokenizer
+    (prompts must then be token ids, and outputs carry no text)."""
+    if load_format not in LOAD_FORMATS:
+        raise InvalidParameterError(f"unknown load_format {load_format!r}; use one of {', '.join(LOAD_FORMATS)}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = resolve_path(model, revision)
@@ -118,11 +126,11 @@ def load_model(model: str | Path, *, dtype="auto", device="auto", revision: str 
     gen_cfg = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     adapter = adapter_for(cfg, where=str(path))
     arch = adapter.arch_config(cfg)
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = None if skip_tokenizer_init else load_tokenizer(path, trust_remote_code)
     spec = adapter.spec(cfg, gen_cfg, tokenizer)
     with torch.device("meta"):
         net = Transformer(arch)
-    if random_weights:
+    if load_format == "dummy":
         _init_random(net, dev, dt, seed)
     else:
         _load_safetensors(net, path, adapter, dev, dt)

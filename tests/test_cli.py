@@ -1,0 +1,92 @@
+"""The real `dllm` entry point, run as a subprocess: success paths and a one-line error for each bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def dllm(*args, stdin=None):
+    exe = shutil.which("dllm") or None
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "dllm.cli", *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def test_generate_json(tiny_llada):
+    r = dllm("generate", str(tiny_llada), "-p", "hello", "-p", "a longer prompt", "--max-tokens", "16",
+             "--block-length", "4", "--cache", "dual", "--strategy", "threshold", "--threshold", "0.8", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["prompt"] for row in rows] == ["hello", "a longer prompt"]
+    for row in rows:
+        assert 1 <= len(row["token_ids"]) <= 16 and row["finish_reason"] in ("stop", "length")
+        assert row["metrics"]["nfe"] >= 1 and "tokens_per_second" in row["metrics"]
+
+
+def test_generate_matches_the_api(tiny_llada):
+    from dllm import LLM, SamplingParams
+    want = LLM(str(tiny_llada)).chat([{"role": "user", "content": "hi"}],
+                                     SamplingParams(max_tokens=16, block_length=8, steps=8))[0]
+    r = dllm("generate", str(tiny_llada), "--chat", "--max-tokens", "16", "--block-length", "8", "--steps", "8",
+             "--json", stdin="hi")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+
+
+def test_chat_session(tiny_llada):
+    r = dllm("chat", str(tiny_llada), "--max-tokens", "8", "--block-length", "4", stdin="hello\n/reset\nagain\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("tokens/s]") == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-tokens", "30", "--block-length", "8"], "not divisible by block_length 8"),
+    (["--max-tokens", "32", "--block-length", "8", "--steps", "6"], "not a multiple of the number of blocks"),
+    (["--max-tokens", "512"], "exceeds the model's context"),
+    (["--cache", "lru"], "unknown cache 'lru'; choose one of: none, prefix, dual"),
+    (["--strategy", "greedy"], "unknown strategy 'greedy'"),
+    (["--max-tokens", "many"], "invalid int value"),
+    (["--threshold", "0.9"], "applies to strategy='threshold'"),
+])
+def test_bad_options_are_one_line(tiny_llada, args, message):
+    r = dllm("generate", str(tiny_llada), "-p", "hello there", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_missing_path(tmp_path):
+    r = dllm("generate", str(tmp_path / "nope"), "-p", "x")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: model directory '{tmp_path / 'nope'}' does not exist; pass a checkpoint directory or a hub id "
+        "like GSAI-ML/LLaDA-8B-Instruct")
+
+
+def test_other_family(tiny_llada, tmp_path):
+    other = tmp_path / "sdar"
+    shutil.copytree(tiny_llada, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = dllm("generate", str(other), "-p", "x")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "model_type 'mistral'" in r.stderr and "supported families" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu(tiny_llada):
+    r = dllm("generate", str(tiny_llada), "-p", "x", "--device", "cuda")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: CUDA was requested but no GPU is available here; pass device='cpu' (CLI: --device cpu)")
+
+
+def test_no_prompt(tiny_llada):
+    r = dllm("generate", str(tiny_llada), stdin="")
+    assert r.returncode == 2 and "no prompt given" in r.stderr
