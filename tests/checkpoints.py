@@ -4,7 +4,7 @@
 hub, only small:
 
 - config.json with every field of the real LLaDA-8B-Instruct config.json (read from
-  /work/shared/data/checkpoints/LLaDA-8B-Instruct/config.json when present, else the built-in copy
+  ../shared/data/checkpoints/LLaDA-8B-Instruct/config.json beside the checkout when present, else the built-in copy
   below), the model dimensions overridden, and vocab/special ids set to the tiny tokenizer's ids;
 - generation_config.json (bos/eos ids);
 - weights under LLaDA's real parameter names (`model.transformer.wte.weight`,
@@ -26,7 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-REAL_DIR = pathlib.Path("/work/shared/data/checkpoints/LLaDA-8B-Instruct")
+import os  # noqa: E402
+
+# The real checkpoint files live in the project's shared data directory beside the checkout.
+REAL_DIR = pathlib.Path(os.environ.get("DLLM_SHARED_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared")) \
+    / "data" / "checkpoints" / "LLaDA-8B-Instruct"
 
 # Built-in copy of GSAI-ML/LLaDA-8B-Instruct config.json (used only if REAL_DIR is absent).
 LLADA_8B_INSTRUCT_CONFIG = {
