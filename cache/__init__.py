@@ -1,17 +1,22 @@
 """KV-cache policies, looked up by name. See `base.py` for the interface every policy implements."""
 from cache.base import CachePolicy, ForwardPlan, KVBuffers
+from cache.block import BlockCache
 from cache.dual import DualCache
 from cache.none import NoCache
 from cache.prefix import PrefixCache
 from dllm.errors import InvalidParameterError
 
-CACHES = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache)}
+CACHES = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache, BlockCache)}
+
+
+def cache_class(name: str) -> type[CachePolicy]:
+    if name not in CACHES:
+        raise InvalidParameterError(f"unknown cache {name!r}; choose one of: {', '.join(CACHES)}")
+    return CACHES[name]
 
 
 def make_cache(name: str) -> CachePolicy:
-    if name not in CACHES:
-        raise InvalidParameterError(f"unknown cache {name!r}; choose one of: {', '.join(CACHES)}")
-    return CACHES[name]()
+    return cache_class(name)()
 
 
-__all__ = ["CACHES", "CachePolicy", "ForwardPlan", "KVBuffers", "make_cache"]
+__all__ = ["CACHES", "CachePolicy", "ForwardPlan", "KVBuffers", "cache_class", "make_cache"]

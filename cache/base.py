@@ -2,10 +2,12 @@
 and which keys/values each layer attends to, and owns the K/V buffers that survive between forwards.
 
 Verbs of a policy (the engine calls nothing else):
-  allocate(batch, length, arch, dtype, device)   once per decoding run; static buffers
-  plan(start, end, step, key_valid) -> ForwardPlan
-                                                 before each forward of block [start, end); `step` counts the
-                                                 forwards made in this block so far (0 = block start)
+  check(spec)                                    refuse a model this policy cannot serve (class method)
+  allocate(batch, length, arch, spec, dtype, device)
+                                                 once per decoding run; static buffers
+  plan(start, end, step, mask) -> ForwardPlan    before each forward of block [start, end); `step` counts the
+                                                 forwards made in this block so far (0 = block start);
+                                                 mask(q_start, q_end, k_end) gives the attention mask
   select_rows(keep)                              rows left the batch (finished early)
 
 A `ForwardPlan` is the `dllm.attention.AttentionPlan` the model consumes: the fed slice [start, end), and
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dllm.attention import key_padding_mask
-from dllm.models.spec import ArchConfig
+from dllm.errors import InvalidParameterError
+from dllm.models.spec import ArchConfig, ModelSpec
 
 
 class KVBuffers:
@@ -38,13 +40,15 @@ class KVBuffers:
 
 @dataclass
 class ForwardPlan:
-    """Feed canvas[:, start:end]; with buffers, store its K/V at [start, end) and attend to keys [0, read_end)."""
+    """Feed canvas[:, start:end]; with buffers, store its K/V at [start, end) and attend to keys [0, read_end).
+    `first_only`: this forward may commit only the block's first position (see `decoding/base.py`)."""
 
     start: int
     end: int
     attn_mask: torch.Tensor | None = None
     buffers: KVBuffers | None = None
     read_end: int = 0
+    first_only: bool = False
 
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.buffers is None:
@@ -60,27 +64,38 @@ class CachePolicy:
 
     name = "base"
     needs_buffers = True
+    attentions = ("full", "block_causal")  # attention patterns the policy serves
 
     def __init__(self) -> None:
         self.buffers: KVBuffers | None = None
         self.length = 0
+        self.shift_logits = False
 
-    def allocate(self, batch: int, length: int, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
-        self.length = length
+    @classmethod
+    def check(cls, spec: ModelSpec) -> None:
+        if spec.attention not in cls.attentions:
+            raise InvalidParameterError(
+                f"cache '{cls.name}' needs {' or '.join(cls.attentions)} attention, and {spec.family} models use "
+                f"{spec.attention} attention; choose another cache")
+
+    def allocate(self, batch: int, length: int, arch: ArchConfig, spec: ModelSpec, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.length, self.shift_logits = length, spec.shift_logits
         if self.needs_buffers:
             self.buffers = KVBuffers(arch, batch, length, dtype, device)
 
-    def plan(self, start: int, end: int, step: int, key_valid: torch.Tensor | None) -> ForwardPlan:
+    def plan(self, start: int, end: int, step: int, mask) -> ForwardPlan:
         raise NotImplementedError
 
     def select_rows(self, keep: torch.Tensor) -> None:
         if self.buffers is not None:
             self.buffers.select_rows(keep)
 
-    def full(self, key_valid: torch.Tensor | None) -> ForwardPlan:
+    def full(self, mask) -> ForwardPlan:
         """Recompute everything; with buffers, refresh all of them."""
-        return ForwardPlan(0, self.length, key_padding_mask(key_valid), self.buffers, self.length)
+        return ForwardPlan(0, self.length, mask(0, self.length, self.length), self.buffers, self.length)
 
-    def window(self, start: int, end: int, key_valid: torch.Tensor | None) -> ForwardPlan:
-        """Recompute [start, end), refresh those entries, attend to the whole (partly cached) canvas."""
-        return ForwardPlan(start, end, key_padding_mask(key_valid), self.buffers, self.length)
+    def window(self, start: int, end: int, mask, read_end: int | None = None) -> ForwardPlan:
+        """Recompute [start, end), refresh those entries, attend to keys [0, read_end) (default: all)."""
+        read_end = self.length if read_end is None else read_end
+        return ForwardPlan(start, end, mask(start, end, read_end), self.buffers, read_end)

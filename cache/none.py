@@ -1,4 +1,4 @@
-"""No cache: every forward recomputes the whole canvas (the reference LLaDA procedure)."""
+"""No cache: every forward recomputes the whole canvas (the reference procedure of every family)."""
 from cache.base import CachePolicy, ForwardPlan
 
 
@@ -6,5 +6,5 @@ class NoCache(CachePolicy):
     name = "none"
     needs_buffers = False
 
-    def plan(self, start, end, step, key_valid) -> ForwardPlan:
-        return self.full(key_valid)
+    def plan(self, start, end, step, mask) -> ForwardPlan:
+        return self.full(mask)

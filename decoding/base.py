@@ -3,71 +3,106 @@ which tokens.
 
 Verbs (the engine calls nothing else):
   begin_block(masked)                       masked: [B, Lb] bool, the block's MASK positions at block start
-  step(logits, masked, generators)          -> (x0 [B, Lb] tokens, commit [B, Lb] bool); commit only where masked
+  step(logits, masked, generators, first_only=False) -> (x0 [B, Lb], commit [B, Lb] bool); commit only where masked
   select_rows(keep)                         rows left the batch
+  max_forwards(block_length)                a bound on forwards per block (the engine's guard against a stall)
 
-`Strategy` implements the LLaDA-family proposal (optional EOS suppression, Gumbel sampling, confidence,
-optional EOS/EoT confidence suppression); subclasses implement `choose`, the selection rule.
+A strategy = the model family's token proposal (`proposal.py`: x0 and the distribution confidences come from)
++ a selection rule (`choose`). `first_only` is set by cache policies that cannot give the block's first
+position a prediction after the block-start forward (Fast-dLLM's cached Dream path): that forward then commits
+exactly the block's first position.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from decoding.sampling import rand_like_rows, sample_tokens, token_confidence
+from decoding.proposal import PROPOSALS
+from dllm.errors import InvalidParameterError
 from dllm.models.spec import ModelSpec
 from dllm.sampling_params import SamplingParams
 
 
+@dataclass
+class TokenIds:
+    """Device tensors of the ids a proposal needs, made once per run."""
+
+    mask: torch.Tensor
+    eos: torch.Tensor | None
+    eos_eot: torch.Tensor | None
+
+
+# SamplingParams fields that belong to one strategy or one family's proposal; a request that sets one the
+# chosen strategy and model do not read is refused rather than silently ignored.
+PROPOSAL_OPTIONS = {"llada": ("cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf"),
+                    "dream": ("top_p", "top_k"), "sdar": ("top_p", "top_k")}
+ALL_OPTIONS = ("steps", "remasking", "threshold", "factor", "alg", "alg_temp", "eps", "entropy_bound",
+               "cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf", "top_p", "top_k")
+
+
 class Strategy:
     name = "base"
-    uses_steps = False                         # whether SamplingParams.steps bounds the forwards per block
-    confidence_dtype: torch.dtype | None = torch.float64
+    families: tuple[str, ...] = ("llada", "dream", "sdar")
+    options: tuple[str, ...] = ()               # SamplingParams fields this selection rule reads
+    steps_mode: str | None = None               # "total" | "per_block" | None: how SamplingParams.steps is read
+    remasking: tuple[str, ...] = ()             # accepted SamplingParams.remasking values
+    confidence_dtype: torch.dtype | None = torch.float64  # LLaDA proposal only (Fast-dLLM: float64)
 
     def __init__(self, params: SamplingParams, spec: ModelSpec):
-        self.params = params
-        self.spec = spec
+        self.params, self.spec = params, spec
+        self.propose = PROPOSALS[spec.family]
         self.step_index = 0
-        self._suppress = [i for i in (spec.eos_id, spec.eot_id) if i is not None]
-        self._id_tensors: dict = {}
+        self._ids: TokenIds | None = None
+
+    @classmethod
+    def validate(cls, params: SamplingParams, spec: ModelSpec) -> None:
+        """Refuse settings this strategy cannot honour for this family (called before decoding starts)."""
+        if spec.family not in cls.families:
+            raise InvalidParameterError(f"strategy '{cls.name}' does not support {spec.family} models")
+        if params.remasking is not None and cls.remasking and params.remasking not in cls.remasking:
+            raise InvalidParameterError(
+                f"remasking={params.remasking!r} does not apply to {spec.family} models; use one of: "
+                f"{', '.join(cls.remasking)}")
+        allowed = set(cls.options) | set(PROPOSAL_OPTIONS[spec.family])
+        defaults = SamplingParams()
+        for name in ALL_OPTIONS:
+            if name not in allowed and getattr(params, name) != getattr(defaults, name):
+                raise InvalidParameterError(
+                    f"{name} does not apply to strategy '{cls.name}' on {spec.family} models; leave it unset or pick "
+                    f"a strategy that reads it (README: Decoding strategies)")
+
+    def max_forwards(self, block_length: int) -> int:
+        return block_length
 
     def begin_block(self, masked: torch.Tensor) -> None:
         self.step_index = 0
 
-    def step(self, logits: torch.Tensor, masked: torch.Tensor, generators: list):
-        x0, confidence = self.propose(logits, masked, generators)
-        commit = self.choose(confidence, masked) & masked
-        self.step_index += 1
-        return x0, commit
-
-    def propose(self, logits: torch.Tensor, masked: torch.Tensor, generators: list):
-        """-> x0 [B, Lb], confidence [B, Lb] (-inf where not masked)."""
-        p = self.params
-        if p.logits_eos_inf and self.spec.eos_id is not None:
-            logits = logits.index_fill(-1, self._ids([self.spec.eos_id], logits), -torch.inf)
-        # The MASK token is never a prediction: sampling it would leave the position masked (the published
-        # samplers can do this at temperature > 0). Confidence still uses the unaltered distribution.
-        x0 = sample_tokens(logits.index_fill(-1, self._ids([self.spec.mask_id], logits), -torch.inf),
-                           p.temperature, generators)
-        if p.remasking == "random":
-            confidence = rand_like_rows(tuple(masked.shape), generators, torch.float64, masked.device)
+    def step(self, logits: torch.Tensor, masked: torch.Tensor, generators: list, first_only: bool = False):
+        x0, probs = self.propose(logits, self.params, generators, self.token_ids(logits.device), self.confidence_dtype)
+        if first_only:
+            commit = torch.zeros_like(masked)
+            commit[:, 0] = True
         else:
-            if p.confidence_eos_eot_inf and self._suppress:
-                # LLaDA sets these logits to -inf after sampling, so they get zero probability and are
-                # committed last. (Its chained assignment does this for EOS only at temperature 0; here the
-                # documented meaning, both tokens, holds at every temperature.)
-                logits = logits.index_fill(-1, self._ids(self._suppress, logits), -torch.inf)
-            confidence = token_confidence(logits, x0, self.confidence_dtype)
-        return x0, confidence.masked_fill(~masked, -torch.inf)
+            commit = self.choose(x0, probs, masked, generators)
+        self.step_index += 1
+        return x0, commit & masked
 
-    def _ids(self, ids: list[int], like: torch.Tensor) -> torch.Tensor:
-        """Token ids as a device tensor, made once (no host-to-device copy inside the step loop)."""
-        key = (tuple(ids), like.device)
-        if key not in self._id_tensors:
-            self._id_tensors[key] = torch.tensor(ids, dtype=torch.long, device=like.device)
-        return self._id_tensors[key]
-
-    def choose(self, confidence: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def choose(self, x0, probs, masked, generators) -> torch.Tensor:
         raise NotImplementedError
 
     def select_rows(self, keep: torch.Tensor) -> None:
         pass
+
+    def token_ids(self, device: torch.device) -> TokenIds:
+        if self._ids is None:
+            spec = self.spec
+            t = lambda ids: torch.tensor(ids, dtype=torch.long, device=device) if ids else None  # noqa: E731
+            self._ids = TokenIds(t([spec.mask_id]), t([spec.eos_id] if spec.eos_id is not None else []),
+                                 t([i for i in (spec.eos_id, spec.eot_id) if i is not None]))
+        return self._ids
+
+
+def chosen_probability(x0: torch.Tensor, probs: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """p(x0) per position, -inf where not masked."""
+    return probs.gather(-1, x0[..., None]).squeeze(-1).masked_fill(~masked, -torch.inf)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import Strategy
+from decoding.base import Strategy, chosen_probability
 from decoding.sampling import ranks
 
 DEFAULT_FACTOR = 1.0
@@ -17,8 +17,10 @@ DEFAULT_FACTOR = 1.0
 
 class FactorStrategy(Strategy):
     name = "factor"
+    options = ("factor",)
 
-    def choose(self, confidence: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def choose(self, x0, probs, masked, generators) -> torch.Tensor:
+        confidence = chosen_probability(x0, probs, masked)
         factor = self.params.factor if self.params.factor is not None else DEFAULT_FACTOR
         m = masked.sum(-1, keepdim=True)                                              # [B, 1]
         ordered = torch.sort(confidence, dim=-1, descending=True).values              # [B, Lb]

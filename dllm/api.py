@@ -16,8 +16,8 @@ from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from cache import make_cache
-from decoding import strategy_class
+from cache import cache_class
+from decoding import check_strategy_name
 from dllm.engine import Engine, Request
 from dllm.errors import InvalidParameterError
 from dllm.models.loader import load_model
@@ -36,8 +36,8 @@ class LLM:
                  seed: int = 0):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise InvalidParameterError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
-        make_cache(cache)  # unknown names fail before the (possibly long) load
-        strategy_class(strategy)
+        cache_class(cache)  # unknown names fail before the (possibly long) load
+        check_strategy_name(strategy)
         self.loaded = load_model(model, dtype=dtype, device=device, revision=revision,
                                  trust_remote_code=trust_remote_code, load_format=load_format,
                                  skip_tokenizer_init=skip_tokenizer_init, seed=seed)
@@ -110,8 +110,7 @@ class LLM:
     def _request(self, prompt, params: SamplingParams) -> Request:
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        self._check_strategy_fields(params)
-        resolved = params.resolve(self.spec.defaults, uses_steps=self.engine.strategy_cls.uses_steps)
+        resolved = self.engine.resolve(params)
         text, ids = self._tokenize(prompt)
         request = Request(str(next(self._ids)), ids, resolved, text)
         self.engine.check_request(request)
@@ -132,14 +131,6 @@ class LLM:
         if isinstance(prompt, (list, tuple)):
             return None, _token_list(prompt, self.loaded.arch.vocab_size)
         raise InvalidParameterError(f"a prompt must be a string, a list of token ids or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
-
-    def _check_strategy_fields(self, params: SamplingParams) -> None:
-        name = self.engine.strategy_name
-        for field_name in ("threshold", "factor"):
-            if getattr(params, field_name) is not None and name != field_name:
-                raise InvalidParameterError(
-                    f"{field_name} applies to strategy='{field_name}', but this LLM decodes with strategy='{name}'; "
-                    f"build LLM(..., strategy='{field_name}') (CLI: --strategy {field_name})")
 
     def _run(self, requests: list[Request]) -> Iterator[StreamEvent]:
         groups: dict[tuple, list[Request]] = {}

@@ -1,9 +1,18 @@
-"""The batch canvas: prompts left-padded so that every row's generation region starts at the same column,
-followed by `max_tokens` MASK positions split into blocks.
+"""The batch canvas: each row's prompt followed by MASK positions, rows left-padded to one width, the columns
+cut into blocks that every row decodes in step.
+
+Two layouts, by the model's attention:
+- full (LLaDA, Dream): prompts right-aligned, so every row's generation region starts at the same column;
+  `max_tokens` MASK positions in `max_tokens / block_length` blocks.
+- block_causal (SDAR): blocks are aligned to each row's absolute position 0, as SDAR was trained; rows are
+  left-padded by whole blocks so that their grids coincide, and the block holding a prompt's last tokens is
+  decoded together with the masks that follow them (SDAR's `block_diffusion_generate`). Rows whose prompts end
+  at different offsets in a block therefore start generating at different columns.
 
 Positions skip each row's left padding (a row's first real token is position 0), so a row computes the same
-attention whatever padding its batch neighbours impose; RoPE depends only on position differences, so this
-equals LLaDA's raw-index positions for the unpadded tokens. Pads are excluded as keys.
+attention whatever padding its neighbours impose; for full attention RoPE depends only on position
+differences, so this equals LLaDA's raw-index positions for the unpadded tokens. Pads are never attended to
+(a pad query attends to itself only, so no attention row is empty).
 """
 from __future__ import annotations
 
@@ -15,43 +24,82 @@ from dllm.models.spec import ModelSpec
 class Canvas:
     def __init__(self, prompts: list[list[int]], max_tokens: int, block_length: int, spec: ModelSpec,
                  device: torch.device):
-        self.spec = spec
-        self.gen_start = max(len(p) for p in prompts)
-        self.length = self.gen_start + max_tokens
-        self.block_length = block_length
-        self.num_blocks = max_tokens // block_length
-        rows = [[spec.pad_id] * (self.gen_start - len(p)) + list(p) for p in prompts]
+        self.spec, self.block_length, self.max_tokens = spec, block_length, max_tokens
+        self.block_causal = spec.attention == "block_causal"
+        lengths = [len(p) for p in prompts]
+        if self.block_causal:
+            first = [n // block_length for n in lengths]                       # each row's first decoded block
+            ends = [-(-(n + max_tokens) // block_length) for n in lengths]    # ceil((P + G) / B)
+            self.first_block = max(first)
+            self.num_blocks = max(e - f for e, f in zip(ends, first))
+            pads = [(self.first_block - f) * block_length for f in first]
+        else:
+            self.first_block, self.num_blocks = 0, max_tokens // block_length
+            pads = [max(lengths) - n for n in lengths]
+        width = max(p + n for p, n in zip(pads, lengths))
+        self.length = (self.first_block + self.num_blocks) * block_length if self.block_causal else width + max_tokens
         tokens = torch.full((len(prompts), self.length), spec.mask_id, dtype=torch.long)
-        tokens[:, :self.gen_start] = torch.tensor(rows, dtype=torch.long)
-        pad = torch.tensor([self.gen_start - len(p) for p in prompts], dtype=torch.long)[:, None]
+        for i, (pad, prompt) in enumerate(zip(pads, prompts)):
+            tokens[i, :pad] = spec.pad_id
+            tokens[i, pad:pad + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        pad = torch.tensor(pads, dtype=torch.long)[:, None]
         cols = torch.arange(self.length)[None, :]
-        self.tokens = tokens.to(device)                                   # [B, T]
-        self.positions = (cols - pad).clamp(min=0).to(device)             # [B, T]
+        self.tokens = tokens.to(device)                                          # [B, T]
+        self.positions = (cols - pad).clamp(min=0).to(device)                    # [B, T]
         self.key_valid = (cols >= pad).to(device) if bool(pad.any()) else None  # [B, T] or None
+        self.gen_starts = torch.tensor([p + n for p, n in zip(pads, lengths)], device=device)  # [B]
+        self.gen_start = 0 if self.block_causal else width                        # first column of block 0
+        self._cols = torch.arange(self.length, device=device)
 
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
     def block(self, index: int) -> tuple[int, int]:
-        start = self.gen_start + index * self.block_length
+        start = (self.first_block + index) * self.block_length if self.block_causal else self.gen_start + index * self.block_length
         return start, start + self.block_length
 
+    def attn_mask(self, q_start: int, q_end: int, k_end: int, k_start: int = 0) -> torch.Tensor | None:
+        """Boolean attention mask for queries at columns [q_start, q_end) over keys [k_start, k_end):
+        [B, 1, Lq, Lk] (block-causal) or [B, 1, 1, Lk] (key padding), or None when everything is visible."""
+        kcols = self._cols[k_start:k_end]
+        if self.block_causal:
+            qcols = self._cols[q_start:q_end]
+            visible = (kcols[None, :] // self.block_length) <= (qcols[:, None] // self.block_length)   # [Lq, Lk]
+            if self.key_valid is None:
+                return visible[None, None]
+            own = qcols[:, None] == kcols[None, :]
+            return (visible[None] & self.key_valid[:, None, k_start:k_end] | own[None])[:, None]
+        if self.key_valid is None:
+            return None
+        return self.key_valid[:, None, None, k_start:k_end]
+
     def status(self, stop_ids: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Per row, offsets in the generation region of the first MASK and of the first committed stop token
+        """Per row, offsets from its generation start of the first MASK and of the first committed stop token
         (max_tokens when there is none). One device-to-host transfer."""
-        gen = self.tokens[:, self.gen_start:]
-        size = gen.shape[1]
-        is_mask = gen == self.spec.mask_id
-        is_stop = torch.isin(gen, stop_ids)
-        first_mask = torch.where(is_mask.any(1), is_mask.int().argmax(1), size)
-        first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), size)
+        offset = self._cols[None, :] - self.gen_starts[:, None]                  # [B, T]
+        in_gen = (offset >= 0) & (offset < self.max_tokens)
+        is_mask = (self.tokens == self.spec.mask_id) & in_gen
+        is_stop = torch.isin(self.tokens, stop_ids) & in_gen
+        size = torch.full_like(self.gen_starts, self.max_tokens)
+        first_mask = torch.where(is_mask.any(1), (offset.masked_fill(~is_mask, self.length)).min(1).values, size)
+        first_stop = torch.where(is_stop.any(1), (offset.masked_fill(~is_stop, self.length)).min(1).values, size)
         first_mask, first_stop = torch.stack([first_mask, first_stop]).tolist()
         return first_mask, first_stop
+
+    def generated(self) -> list[list[int]]:
+        """Each row's generation region (max_tokens columns from its start), as lists."""
+        rows = self.tokens.tolist()
+        return [r[s:s + self.max_tokens] for r, s in zip(rows, self.gen_starts.tolist())]
+
+    def block_done(self, first_mask: list[int], end: int) -> bool:
+        """Whether no row has a MASK before column `end` (within its first max_tokens generated positions)."""
+        return all(m >= end - s for m, s in zip(first_mask, self.gen_starts.tolist()))
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.tokens = self.tokens[keep]
         self.positions = self.positions[keep]
+        self.gen_starts = self.gen_starts[keep]
         if self.key_valid is not None:
             self.key_valid = self.key_valid[keep]
             if bool(self.key_valid.all()):

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from cache import make_cache
+from cache import cache_class, make_cache
 from decoding import strategy_class
 from dllm.canvas import Canvas
 from dllm.errors import InvalidParameterError
@@ -54,16 +54,18 @@ class _Row:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, cache: str = "none", strategy: str = "reference"):
-        make_cache(cache)  # validate the names now, not at the first request
-        strategy_class(strategy)
         self.loaded, self.cache_name, self.strategy_name = loaded, cache, strategy
         self.model, self.spec, self.tokenizer = loaded.model, loaded.spec, loaded.tokenizer
+        cache_class(cache).check(self.spec)  # refuse unknown or unsuitable choices now, not at the first request
+        self.strategy_cls = strategy_class(strategy, self.spec.family)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
 
-    @property
-    def strategy_cls(self):
-        return strategy_class(self.strategy_name)
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """Check `params` against the strategy and the model, and fill the checkpoint's defaults."""
+        self.strategy_cls.validate(params, self.spec)
+        return params.resolve(self.spec.defaults, steps_mode=self.strategy_cls.steps_mode,
+                              divisible=self.spec.attention == "full")
 
     def check_request(self, request: Request) -> None:
         n, limit = len(request.prompt_token_ids), self.spec.max_length
@@ -100,7 +102,7 @@ class _Run:
         self.cache = make_cache(engine.cache_name)
         self.cfg = p.cfg_scale > 0
         batch = len(requests) * (2 if self.cfg else 1)
-        self.cache.allocate(batch, self.canvas.length, engine.loaded.arch, engine.dtype, engine.device)
+        self.cache.allocate(batch, self.canvas.length, engine.loaded.arch, self.spec, engine.dtype, engine.device)
         stops = sorted(set(() if p.ignore_eos else self.spec.stop_ids) | set(p.stop_token_ids))
         self.stop_ids = torch.tensor(stops, dtype=torch.long, device=engine.device)
         self.start_time = time.perf_counter()
@@ -110,62 +112,71 @@ class _Run:
         for b in range(canvas.num_blocks):
             start, end = canvas.block(b)
             self.strategy.begin_block(canvas.tokens[:, start:end] == self.spec.mask_id)
-            for step in range(canvas.block_length + 1):
-                if step == canvas.block_length:
+            limit = self.strategy.max_forwards(canvas.block_length)
+            for step in range(limit + 1):
+                if step == limit:
                     raise RuntimeError(f"strategy {self.strategy.name!r} made no progress in block {b}")
                 self._step(start, end, step)
                 first_mask, first_stop = canvas.status(self.stop_ids)
+                block_done = canvas.block_done(first_mask, end)
                 yield from self._emit(b, first_mask, first_stop)
                 if not self.rows:
                     return
-                if min(first_mask) >= end - canvas.gen_start:
+                if block_done:
                     break
         yield from self._emit(canvas.num_blocks - 1, *canvas.status(self.stop_ids), final=True)
 
     def _step(self, start: int, end: int, step: int) -> None:
         block = self.canvas.tokens[:, start:end]
         masked = block == self.spec.mask_id
-        logits = self._forward(start, end, step)
-        x0, commit = self.strategy.step(logits, masked, [r.generator for r in self.rows])
+        logits, first_only = self._forward(start, end, step)
+        x0, commit = self.strategy.step(logits, masked, [r.generator for r in self.rows], first_only)
         self.canvas.tokens[:, start:end] = torch.where(commit, x0, block)
         for row in self.rows:
             row.nfe += 1
 
-    def _forward(self, start: int, end: int, step: int) -> torch.Tensor:
+    def _forward(self, start: int, end: int, step: int) -> tuple[torch.Tensor, bool]:
         """Logits [B, end - start, V] for the block, through the cache policy (and CFG when enabled)."""
         c = self.canvas
-        tokens, positions, key_valid = c.tokens, c.positions, c.key_valid
+        tokens, positions, mask = c.tokens, c.positions, c.attn_mask
         if self.cfg:  # unconditional rows: the same canvas with the prompt (and padding) masked
             uncond = tokens.clone()
             uncond[:, :c.gen_start] = self.spec.mask_id
             tokens, positions = torch.cat([tokens, uncond]), torch.cat([positions, positions])
-            key_valid = None if key_valid is None else torch.cat([key_valid, key_valid])
-        plan = self.cache.plan(start, end, step, key_valid)
+            mask = _doubled(c.attn_mask)
+        plan = self.cache.plan(start, end, step, mask)
+        # Shifted logits (Dream): position i is read from hidden state i - 1. When the plan does not feed
+        # i - 1 for the block's first position, that position reads its own logits, as Fast-dLLM's cached
+        # Dream path does (the position is committed at the block start, so the value is never used).
         shift = int(self.spec.shift_logits)
+        lo = max(start - shift, plan.start)
         logits = self.engine.model(tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end], plan,
-                                   logits_range=(start - plan.start - shift, end - plan.start - shift))
+                                   logits_range=(lo - plan.start, end - shift - plan.start))
+        if lo > start - shift:
+            logits = torch.cat([logits[:, :1], logits], dim=1)
         if self.cfg:
             cond, uncond = logits.chunk(2)
             logits = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
-        return logits
+        return logits, plan.first_only
 
     def _emit(self, block: int, first_mask: list[int], first_stop: list[int], final: bool = False):
-        """Yield newly final text per row; finish rows whose stop token is final (or all rows if `final`)."""
+        """Yield newly final text per row; finish rows whose stop token is final or whose region is full."""
         done = []
-        gen_rows = None
+        generated = None
+        size = self.canvas.max_tokens
         for i, row in enumerate(self.rows):
             stopped = first_stop[i] < first_mask[i]
             final_len = first_stop[i] + 1 if stopped else first_mask[i]
-            if final_len > row.emitted_tokens or stopped or final:
-                if gen_rows is None:
-                    gen_rows = self.canvas.tokens[:, self.canvas.gen_start:].tolist()
-                row.token_ids = gen_rows[i][:final_len]
-                yield self._event(row, block, stopped, finished=stopped or final)
-            if stopped or final:
+            finished = stopped or final or final_len >= size
+            if final_len > row.emitted_tokens or finished:
+                if generated is None:
+                    generated = self.canvas.generated()
+                row.token_ids = generated[i][:final_len]
+                yield self._event(row, block, stopped, finished)
+            if finished:
                 done.append(i)
         if done:
-            keep = [i for i in range(len(self.rows)) if i not in done]
-            self._select_rows(keep)
+            self._select_rows([i for i in range(len(self.rows)) if i not in done])
 
     def _event(self, row: _Row, block: int, stopped: bool, finished: bool) -> StreamEvent:
         tok = self.engine.tokenizer
@@ -199,3 +210,11 @@ class _Run:
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def _doubled(mask_fn):
+    """The canvas's mask function for a CFG batch (conditional rows, then the same rows unconditional)."""
+    def mask(*args):
+        m = mask_fn(*args)
+        return None if m is None else torch.cat([m, m])
+    return mask

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 from dllm.errors import InvalidParameterError
 
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random",                                     # LLaDA
+             "sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded")  # SDAR
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
 @dataclass
@@ -25,16 +27,37 @@ class SamplingParams:
     Default: the checkpoint's (32 for LLaDA), or `max_tokens` when that default does not divide it."""
 
     steps: int | None = None
-    """Denoising steps over the whole generation for the `reference` strategy (split evenly across blocks; must
-    be a multiple of the number of blocks). Default: `max_tokens` (one token per step). Threshold and factor
-    strategies decide their own number of steps."""
+    """Denoising steps of the `reference` strategy, as each family's authors count them: LLaDA and Dream, steps
+    over the whole generation (split evenly across blocks; a multiple of the number of blocks); SDAR, steps per
+    block (`denoising_steps`). Default: one token a step. Threshold and factor strategies decide their own."""
 
-    temperature: float = 0.0
-    """Sampling temperature (float64 Gumbel-max); 0 = greedy."""
+    temperature: float | None = None
+    """Sampling temperature; 0 = greedy. Default: the checkpoint's generation_config.json, else 0."""
 
-    remasking: str = "low_confidence"
-    """Which masked positions a step commits first: `low_confidence` (highest model probability first) or
-    `random` (uniformly random order)."""
+    top_p: float | None = None
+    """Nucleus sampling (Dream and SDAR samplers): keep the smallest set of tokens with probability >= top_p."""
+
+    top_k: int | None = None
+    """Top-k sampling (Dream and SDAR samplers): keep the k most probable tokens; 0 or None = off."""
+
+    remasking: str | None = None
+    """Which masked positions a step commits. LLaDA: `low_confidence` (most probable first, default) or `random`.
+    SDAR: `low_confidence_dynamic` (default: every position above `threshold`, at least the step's quota),
+    `low_confidence_static` (the quota, most confident first), `sequential` (the quota, left to right),
+    `entropy_bounded` (EB-Sampler: the largest set whose entropy sum minus its maximum is <= `entropy_bound`)."""
+
+    alg: str | None = None
+    """Dream's position rule: `origin` (random positions), `maskgit_plus` (top probability), `topk_margin`
+    (top-1 minus top-2 probability), `entropy` (lowest entropy). Default: the checkpoint's generation_config."""
+
+    alg_temp: float | None = None
+    """Dream: when > 0, positions are drawn from softmax(confidence / alg_temp) instead of taken top-k."""
+
+    eps: float | None = None
+    """Dream: the final time of the linear schedule t = 1 -> eps. Default: generation_config's, else 1e-3."""
+
+    entropy_bound: float | None = None
+    """SDAR `entropy_bounded` remasking: the entropy budget gamma. Default 0.35."""
 
     cfg_scale: float = 0.0
     """Unsupervised classifier-free guidance: logits = u + (cfg_scale + 1) (c - u), where u comes from the
@@ -42,7 +65,8 @@ class SamplingParams:
 
     threshold: float | None = None
     """`threshold` strategy (Fast-dLLM): commit every masked position of the block whose confidence is at least
-    this (and always the most confident one). Default 0.9."""
+    this (and always the most confident one); default 0.9. SDAR `low_confidence_dynamic`: the confidence a
+    position must exceed; default 0.85."""
 
     factor: float | None = None
     """`factor` strategy (Fast-dLLM): commit the top n positions with (n + 1)(1 - c_n) < factor. Default 1.0."""
@@ -70,10 +94,19 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("block_length", self.block_length, minimum=1)
         _check_int("steps", self.steps, minimum=1)
-        _check_float("temperature", self.temperature, low=0.0)
+        for name in ("temperature", "alg_temp", "eps", "entropy_bound"):
+            if getattr(self, name) is not None:
+                _check_float(name, getattr(self, name), low=0.0)
         _check_float("cfg_scale", self.cfg_scale, low=0.0)
-        if self.remasking not in REMASKING:
+        _check_int("top_k", self.top_k, minimum=0)
+        if self.top_p is not None:
+            _check_float("top_p", self.top_p, low=0.0)
+            if not 0.0 < self.top_p <= 1.0:
+                raise InvalidParameterError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.remasking is not None and self.remasking not in REMASKING:
             raise InvalidParameterError(f"remasking must be one of {', '.join(REMASKING)}, not {self.remasking!r}")
+        if self.alg is not None and self.alg not in DREAM_ALGS:
+            raise InvalidParameterError(f"alg must be one of {', '.join(DREAM_ALGS)}, not {self.alg!r}")
         if self.threshold is not None:
             _check_float("threshold", self.threshold, low=0.0)
             if not 0.0 < self.threshold <= 1.0:
@@ -86,25 +119,31 @@ class SamplingParams:
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise InvalidParameterError("stop_token_ids must be a list of non-negative integers")
 
-    def resolve(self, defaults: dict, uses_steps: bool = True) -> "SamplingParams":
-        """A copy with every None filled from `defaults` and the block/step arithmetic checked (`steps` only
-        where the strategy uses a fixed step budget)."""
+    def resolve(self, defaults: dict, steps_mode: str | None = "total", divisible: bool = True) -> "SamplingParams":
+        """A copy with every None filled from `defaults` (the checkpoint's) and the arithmetic checked.
+
+        `steps_mode`: "total" (steps over all blocks must split evenly), "per_block", or None (unused);
+        `divisible`: whether max_tokens must be a multiple of block_length (full-attention canvases)."""
         max_tokens = self.max_tokens or defaults.get("max_tokens", 128)
         block = self.block_length
         if block is None:
             block = defaults.get("block_length", max_tokens)
-            block = block if block <= max_tokens and max_tokens % block == 0 else max_tokens
-        if max_tokens % block:
+            if divisible and (block > max_tokens or max_tokens % block):
+                block = max_tokens
+        if divisible and max_tokens % block:
             raise InvalidParameterError(
                 f"max_tokens (gen_length) {max_tokens} is not divisible by block_length {block}; "
                 f"choose a block_length that divides it, e.g. {_divisor_near(max_tokens, block)}")
         num_blocks = max_tokens // block
-        steps = self.steps or defaults.get("steps") or max_tokens
-        if uses_steps and steps % num_blocks:
+        steps = self.steps or (block if steps_mode == "per_block" else max_tokens)
+        if steps_mode == "total" and steps % num_blocks:
             raise InvalidParameterError(
                 f"steps {steps} is not a multiple of the number of blocks {num_blocks} "
                 f"(= max_tokens {max_tokens} / block_length {block}); use e.g. steps={max(num_blocks, steps // num_blocks * num_blocks)}")
-        return dataclasses.replace(self, max_tokens=max_tokens, block_length=block, steps=steps)
+        filled = {name: defaults.get(name) for name in _FROM_CHECKPOINT if getattr(self, name) is None}
+        if filled.get("temperature") is None and self.temperature is None:
+            filled["temperature"] = 0.0
+        return dataclasses.replace(self, max_tokens=max_tokens, block_length=block, steps=steps, **filled)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one canvas and one decoding loop (they may differ in seed)."""
@@ -112,6 +151,10 @@ class SamplingParams:
         fields.pop("seed")
         fields.pop("skip_special_tokens")
         return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(fields.items()))
+
+
+# Fields whose default, when the request leaves them None, is the checkpoint's (ModelSpec.defaults).
+_FROM_CHECKPOINT = ("temperature", "top_p", "top_k", "remasking", "alg", "alg_temp", "eps")
 
 
 def _check_int(name: str, value, minimum: int) -> None:

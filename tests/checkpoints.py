@@ -1,4 +1,4 @@
-"""Tiny LLaDA checkpoints in the real Hugging Face layout, for loader and parity tests.
+"""Tiny LLaDA, Dream and SDAR checkpoints in the real Hugging Face layout, for loader and parity tests.
 
 `write_tiny_llada(path, ...)` writes a directory that looks like GSAI-ML/LLaDA-8B-Instruct on the
 hub, only small:
@@ -14,7 +14,11 @@ hub, only small:
   LLaDA's special-token names and LLaDA's real chat template, loadable by
   `transformers.AutoTokenizer.from_pretrained(path)`.
 
-`load_tiny_state_dict(path)` reads the config and all weights back (used by the reference oracle).
+`write_tiny_dream(path, ...)` (Dream-org/Dream-v0-Instruct-7B) and `write_tiny_sdar(path, ...)`
+(JetLM/SDAR-4B-Chat) do the same for the Qwen2- and Qwen3-based families; see the section at the end.
+
+`load_tiny_state_dict(path)` reads the config and all weights back (used by the reference oracles);
+`special_token_ids(path)` returns the special-token ids of any of the three families.
 This module does not import anything from the runtime packages (dllm, decoding, cache).
 """
 from __future__ import annotations
@@ -220,7 +224,11 @@ def load_tiny_state_dict(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def special_token_ids(path) -> dict[str, int]:
-    """Convenience: {'bos', 'eos', 'pad', 'mask', 'eot', 'start_header', 'end_header'} -> id."""
+    """Convenience: {'bos', 'eos', 'pad', 'mask', 'eot', 'start_header', 'end_header'} -> id for LLaDA;
+    for Dream / SDAR directories (config.json model_type "Dream" / "sdar") see `qwen_special_token_ids`."""
+    family = _family_of(path)
+    if family is not None:
+        return qwen_special_token_ids(path, family)
     tok = Tokenizer.from_file(str(pathlib.Path(path) / "tokenizer.json"))
     names = ["bos", "eos", "mask", "start_header", "end_header", "eot"]
     ids = {n: tok.token_to_id(t) for n, t in zip(names, SPECIAL_TOKENS)}

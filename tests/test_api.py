@@ -69,7 +69,7 @@ def test_sampling_params_validate(kwargs):
 
 
 def test_strategy_fields_must_match_the_strategy(llm_factory):
-    with pytest.raises(InvalidParameterError, match="strategy='threshold'"):
+    with pytest.raises(InvalidParameterError, match="threshold does not apply to strategy 'reference'"):
         llm_factory().generate("hi", SamplingParams(max_tokens=8, block_length=4, threshold=0.9))
 
 

@@ -53,7 +53,7 @@ def test_chat_session(tiny_llada):
     (["--cache", "lru"], "unknown cache 'lru'; choose one of: none, prefix, dual"),
     (["--strategy", "greedy"], "unknown strategy 'greedy'"),
     (["--max-tokens", "many"], "invalid int value"),
-    (["--threshold", "0.9"], "applies to strategy='threshold'"),
+    (["--threshold", "0.9"], "threshold does not apply to strategy 'reference'"),
 ])
 def test_bad_options_are_one_line(tiny_llada, args, message):
     r = dllm("generate", str(tiny_llada), "-p", "hello there", *args)

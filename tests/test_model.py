@@ -97,6 +97,8 @@ def test_real_llada_8b_config_and_weight_index_map_onto_the_core(shared_dir):
 def test_cache_buffers_hold_the_real_shape(shared_dir):
     cfg = json.loads((shared_dir / "data/checkpoints/LLaDA-8B-Instruct/config.json").read_text())
     arch = adapter_for(cfg).arch_config(cfg)
+    from dllm.models.spec import ModelSpec
     policy = CachePolicy()
-    policy.allocate(2, 16, arch, torch.bfloat16, torch.device("meta"))
+    spec = ModelSpec(family="llada", mask_id=1, stop_ids=(2,), pad_id=2)
+    policy.allocate(2, 16, arch, spec, torch.bfloat16, torch.device("meta"))
     assert len(policy.buffers.k) == 32 and policy.buffers.k[0].shape == (2, 32, 16, 128)

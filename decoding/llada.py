@@ -6,24 +6,37 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import Strategy
-from decoding.sampling import ranks
+from decoding.base import Strategy, chosen_probability
+from decoding.sampling import rand_like_rows, ranks
 
 
-class ReferenceStrategy(Strategy):
+class LLaDAReference(Strategy):
     name = "reference"
-    uses_steps = True
+    options = ("steps", "remasking")
+    families = ("llada",)
+    steps_mode = "total"
+    remasking = ("low_confidence", "random")
     confidence_dtype = None  # LLaDA takes the softmax in the logits' dtype
+
+    def max_forwards(self, block_length: int) -> int:
+        return max(block_length, self._steps_per_block())
+
+    def _steps_per_block(self) -> int:
+        return self.params.steps // (self.params.max_tokens // self.params.block_length)
 
     def begin_block(self, masked: torch.Tensor) -> None:
         super().begin_block(masked)
-        num_blocks = self.params.max_tokens // self.params.block_length
-        steps = self.params.steps // num_blocks
+        steps = self._steps_per_block()
         n = masked.sum(-1, keepdim=True)                                   # [B, 1]
         extra = torch.arange(steps, device=masked.device)[None, :] < n % steps
         self.quota = n // steps + extra.long()                            # [B, steps]
 
-    def choose(self, confidence: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def choose(self, x0, probs, masked, generators) -> torch.Tensor:
+        if self.params.remasking == "random":
+            confidence = rand_like_rows(tuple(masked.shape), generators, torch.float64, masked.device)
+            confidence = confidence.masked_fill(~masked, -torch.inf)
+        else:
+            confidence = chosen_probability(x0, probs, masked)
         j = min(self.step_index, self.quota.shape[1] - 1)
         return ranks(confidence) < self.quota[:, j:j + 1]
 
