@@ -11,7 +11,7 @@ import sys
 from cache import CACHES
 from decoding import STRATEGIES
 from dllm.errors import DllmError
-from dllm.sampling_params import REMASKING, SamplingParams
+from dllm.sampling_params import DREAM_ALGS, REMASKING, SamplingParams
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,11 +27,13 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default="none", metavar="{" + ",".join(CACHES) + "}",
                    help="KV cache: none = recompute everything each step (exact); prefix = Fast-dLLM prefix cache "
                         "(prompt and finished blocks reused, refreshed at each block start); dual = Fast-dLLM dual "
-                        "cache (also reuses the masked suffix after the block). Default: none")
+                        "cache (also reuses the masked suffix after the block); block = exact block cache of "
+                        "block-causal models (SDAR). Default: none")
     g.add_argument("--strategy", default="reference", metavar="{" + ",".join(STRATEGIES) + "}",
-                   help="which masked positions a step commits: reference = LLaDA's fixed schedule (--steps); "
-                        "threshold = Fast-dLLM, every position with confidence >= --threshold; factor = Fast-dLLM "
-                        "factor rule (--factor). Default: reference")
+                   help="which masked positions a step commits: reference = the model family's own sampler "
+                        "(LLaDA generate, Dream diffusion_generate, SDAR block_diffusion_generate); threshold = "
+                        "Fast-dLLM, every position with confidence >= --threshold; factor = Fast-dLLM factor rule "
+                        "(--factor). Default: reference")
     g.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when MODEL is a hub id")
@@ -47,25 +49,35 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-length", type=int, default=None,
                    help="semi-autoregressive block size; must divide --max-tokens. Default: 32 for LLaDA")
     g.add_argument("--steps", type=int, default=None,
-                   help="reference strategy: denoising steps over the whole generation, a multiple of the number of "
-                        "blocks. Default: --max-tokens (one token a step)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (Gumbel-max in float64); 0 = greedy")
-    g.add_argument("--remasking", default="low_confidence", metavar="{" + ",".join(REMASKING) + "}",
-                   help="order of commits: low_confidence (most probable first) or random")
-    g.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance scale; 0 = off")
+                   help="reference strategy: denoising steps; LLaDA and Dream: over the whole generation (a multiple "
+                        "of the number of blocks); SDAR: per block. Default: one token a step")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 = greedy. Default: the checkpoint's generation_config.json, else 0")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (Dream, SDAR)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k sampling (Dream, SDAR); 0 = off")
+    g.add_argument("--remasking", default=None, metavar="{" + ",".join(REMASKING) + "}",
+                   help="reference strategy's commit rule. LLaDA: low_confidence (default) or random. SDAR: "
+                        "low_confidence_dynamic (default), low_confidence_static, sequential, entropy_bounded")
+    g.add_argument("--alg", default=None, metavar="{" + ",".join(DREAM_ALGS) + "}",
+                   help="Dream's position rule (reference strategy). Default: the checkpoint's generation_config.json")
+    g.add_argument("--alg-temp", type=float, default=None, help="Dream: draw positions from softmax(confidence / alg_temp)")
+    g.add_argument("--eps", type=float, default=None, help="Dream: final time of the schedule (default 1e-3)")
+    g.add_argument("--entropy-bound", type=float, default=None, help="SDAR entropy_bounded remasking: gamma (default 0.35)")
+    g.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA: unsupervised classifier-free guidance scale; 0 = off")
     g.add_argument("--threshold", type=float, default=None,
-                   help="threshold strategy: commit positions with confidence >= this (and the most confident one). Default 0.9")
+                   help="threshold strategy: commit positions with confidence >= this (and the most confident one), "
+                        "default 0.9; SDAR low_confidence_dynamic: the confidence to exceed, default 0.85")
     g.add_argument("--factor", type=float, default=None,
                    help="factor strategy: commit the top n with (n+1)(1-c_n) < factor. Default 1.0")
-    g.add_argument("--logits-eos-inf", action="store_true", help="never sample EOS (LLaDA's setting for code)")
+    g.add_argument("--logits-eos-inf", action="store_true", help="LLaDA: never sample EOS (its setting for code)")
     g.add_argument("--confidence-eos-eot-inf", action="store_true",
-                   help="give EOS / end-of-turn predictions zero confidence so they are committed last")
+                   help="LLaDA: give EOS / end-of-turn predictions zero confidence so they are committed last")
     g.add_argument("--seed", type=int, default=None, help="random seed of each request (reproducible sampling)")
     g.add_argument("--keep-special-tokens", action="store_true", help="keep special tokens in the printed text")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dllm", description="Decode diffusion language models (LLaDA) with KV caches and parallel decoding.")
+    parser = _Parser(prog="dllm", description="Decode diffusion language models (LLaDA, Dream, SDAR) with KV caches and parallel decoding.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading and timing details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
@@ -86,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens, block_length=args.block_length, steps=args.steps, temperature=args.temperature,
-        remasking=args.remasking, cfg_scale=args.cfg_scale, threshold=args.threshold, factor=args.factor,
+        top_p=args.top_p, top_k=args.top_k, remasking=args.remasking, alg=args.alg, alg_temp=args.alg_temp,
+        eps=args.eps, entropy_bound=args.entropy_bound, cfg_scale=args.cfg_scale, threshold=args.threshold,
+        factor=args.factor,
         logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf, seed=args.seed,
         skip_special_tokens=not args.keep_special_tokens)
 

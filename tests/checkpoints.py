@@ -4,8 +4,7 @@
 hub, only small:
 
 - config.json with every field of the real LLaDA-8B-Instruct config.json (read from
-  ../shared/data/checkpoints/LLaDA-8B-Instruct/config.json beside the checkout when present, else the built-in copy
-  below), the model dimensions overridden, and vocab/special ids set to the tiny tokenizer's ids;
+  ../shared/data/checkpoints/LLaDA-8B-Instruct/config.json beside the checkout), the model dimensions overridden, and vocab/special ids set to the tiny tokenizer's ids;
 - generation_config.json (bos/eos ids);
 - weights under LLaDA's real parameter names (`model.transformer.wte.weight`,
   `model.transformer.blocks.N.q_proj.weight`, ...), either one `model.safetensors` or
@@ -36,53 +35,26 @@ import os  # noqa: E402
 REAL_DIR = pathlib.Path(os.environ.get("DLLM_SHARED_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared")) \
     / "data" / "checkpoints" / "LLaDA-8B-Instruct"
 
-# Built-in copy of GSAI-ML/LLaDA-8B-Instruct config.json (used only if REAL_DIR is absent).
-LLADA_8B_INSTRUCT_CONFIG = {
-    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
-    "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
-    "attention_layer_norm_with_affine": True,
-    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-                 "AutoModel": "modeling_llada.LLaDAModelLM"},
-    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": 4096,
-    "embedding_dropout": 0.0, "embedding_size": 126464, "eos_token_id": 126081,
-    "flash_attention": False, "include_bias": False, "include_qkv_bias": False,
-    "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02,
-    "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
-    "mask_token_id": 126336, "max_sequence_length": 4096, "mlp_hidden_size": 12288, "mlp_ratio": 4,
-    "model_type": "llada", "multi_query_attention": None, "n_heads": 32, "n_kv_heads": 32,
-    "n_layers": 32, "pad_token_id": 126081, "precision": "amp_bf16", "residual_dropout": 0.0,
-    "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True, "rope_theta": 500000.0,
-    "scale_logits": False, "transformers_version": "4.46.3", "use_cache": False,
-    "vocab_size": 126464, "weight_tying": False,
-}
-
-# Chat template of LLaDA-8B-Instruct (tokenizer_config.json, field chat_template), verbatim.
-LLADA_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim "
-    "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-)
-
 # Special tokens with LLaDA's names, in this order after the 256 byte tokens.
 BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
 SPECIAL_TOKENS = [BOS, EOS, MASK, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 NUM_BYTE_TOKENS = 256
 
 
+def _require(path: pathlib.Path) -> pathlib.Path:
+    """The real metadata lives in the project's shared data directory, never in this repository."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the tiny checkpoints copy the real checkpoints' metadata from "
+                                "../shared/data/checkpoints beside the checkout (or set DLLM_SHARED_DIR)")
+    return path
+
+
 def _real_config() -> dict:
-    path = REAL_DIR / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return json.loads(json.dumps(LLADA_8B_INSTRUCT_CONFIG))  # deep copy
+    return json.loads(_require(REAL_DIR / "config.json").read_text())
 
 
 def _real_chat_template() -> str:
-    path = REAL_DIR / "tokenizer_config.json"
-    if path.is_file():
-        return json.loads(path.read_text())["chat_template"]
-    return LLADA_CHAT_TEMPLATE
+    return json.loads(_require(REAL_DIR / "tokenizer_config.json").read_text())["chat_template"]
 
 
 def build_tokenizer() -> Tokenizer:
@@ -232,5 +204,192 @@ def special_token_ids(path) -> dict[str, int]:
     tok = Tokenizer.from_file(str(pathlib.Path(path) / "tokenizer.json"))
     names = ["bos", "eos", "mask", "start_header", "end_header", "eot"]
     ids = {n: tok.token_to_id(t) for n, t in zip(names, SPECIAL_TOKENS)}
+    ids["pad"] = ids["eos"]
+    return ids
+
+
+# --------------------------------------------------------------------------- Dream and SDAR
+
+# Real metadata folders (beside LLaDA's).
+CHECKPOINTS_DIR = REAL_DIR.parent
+
+# Per family: the real folder; the tiny tokenizer's added tokens (real name, `special` flag as in the real
+# added_tokens_decoder), given ids 256, 257, ... in the real tokenizer's id order; and the real ids of those
+# tokens (models.md §2.4, §3.4), used to remap every *_token_id field of the real config files.
+FAMILIES = {
+    "dream": dict(folder="Dream-v0-Instruct-7B", model_type="Dream",
+                  tokens=[("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+                          ("<|beginoftext|>", True), ("<|mask|>", True)],
+                  real_ids=[151643, 151644, 151645, 151665, 151666],
+                  keys=["eos", "im_start", "im_end", "bos", "mask"]),
+    "sdar": dict(folder="SDAR-4B-Chat", model_type="sdar",
+                 tokens=[("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+                         ("<think>", False), ("</think>", False), ("<|MASK|>", False)],
+                 real_ids=[151643, 151644, 151645, 151667, 151668, 151669],
+                 keys=["eos", "im_start", "im_end", "think", "end_think", "mask"]),
+}
+
+
+def _real_metadata(family: str) -> dict:
+    """config / generation_config / tokenizer_config (no added_tokens_decoder) / special_tokens_map /
+    chat template of the real checkpoint, from the shared folder."""
+    d = CHECKPOINTS_DIR / FAMILIES[family]["folder"]
+    read = lambda name: json.loads(_require(d / name).read_text())  # noqa: E731
+    meta = {k: read(f"{k}.json") for k in ("config", "generation_config", "tokenizer_config", "special_tokens_map")}
+    meta["tokenizer_config"].pop("added_tokens_decoder", None)
+    if (d / "chat_template.jinja").is_file():
+        meta["chat_template_jinja"] = (d / "chat_template.jinja").read_text()
+    return meta
+
+
+def _remap_token_ids(cfg: dict, id_map: dict[int, int]) -> dict:
+    """Replace every real special-token id (`*_token_id` fields, int or list) by the tiny tokenizer's id."""
+    for key, val in cfg.items():
+        if key.endswith("_token_id") and val is not None:
+            cfg[key] = [id_map[v] for v in val] if isinstance(val, list) else id_map[val]
+    return cfg
+
+
+def _qwen_tokenizer_files(path: pathlib.Path, family: str, meta: dict) -> dict[str, int]:
+    """Byte-level tokenizer like build_tokenizer() with the family's added tokens after the 256 bytes, and
+    tokenizer_config.json / special_tokens_map.json derived from the real ones: the real fields, minus the
+    remote-code auto_map, with a standard fast class and only the tokens this vocabulary has."""
+    spec = FAMILIES[family]
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(byte_chars)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    for content, special in spec["tokens"]:        # one call each: ids follow the list order
+        added = AddedToken(content, special=special, normalized=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([added])
+    tok.save(str(path / "tokenizer.json"))
+    names = [t for t, _ in spec["tokens"]]
+    ids = {t: tok.token_to_id(t) for t in names}
+    entry = dict(lstrip=False, normalized=False, rstrip=False, single_word=False)
+
+    tc = json.loads(json.dumps(meta["tokenizer_config"]))
+    tc.pop("auto_map", None)
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tc["added_tokens_decoder"] = {str(ids[t]): dict(content=t, **entry, special=s) for t, s in spec["tokens"]}
+    tc["additional_special_tokens"] = [t for t in tc.get("additional_special_tokens", []) if t in ids]
+    if "chat_template_jinja" in meta:                 # SDAR ships the template in both places
+        tc["chat_template"] = meta["chat_template_jinja"]
+        (path / "chat_template.jinja").write_text(meta["chat_template_jinja"])
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(sorted(tc.items())), indent=2, ensure_ascii=False) + "\n")
+
+    stm = {}
+    for key, val in meta["special_tokens_map"].items():   # drop names this vocab lacks (SDAR's "<MASK>")
+        if key == "additional_special_tokens":
+            stm[key] = [t for t in val if t in ids]
+        elif (val["content"] if isinstance(val, dict) else val) in ids:
+            stm[key] = val
+    (path / "special_tokens_map.json").write_text(json.dumps(stm, indent=2, ensure_ascii=False) + "\n")
+    return ids
+
+
+def _qwen_state_dict(cfg: dict, family: str, seed: int, dtype: torch.dtype, norm_std: float,
+                     mask_id: int) -> dict[str, torch.Tensor]:
+    """Seeded random weights under the real Qwen2 (Dream: q/k/v biases) / Qwen3 (SDAR: per-head
+    q_norm/k_norm) names. Same scheme as _random_state_dict: linear std 1/sqrt(fan_in), embedding and head
+    std 0.5 (peaked logits), norms 1 + N(0, norm_std), Dream biases N(0, 0.2); MASK's head row shrunk 10x."""
+    g = torch.Generator().manual_seed(seed)
+    d, ff, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or d // heads          # Dream has no head_dim field: hidden // heads
+
+    def normal(*shape, std):
+        return torch.randn(*shape, generator=g) * std
+
+    def linear(out_f, in_f):
+        return normal(out_f, in_f, std=in_f ** -0.5)
+
+    def norm(n):
+        return 1.0 + normal(n, std=norm_std) if norm_std > 0 else torch.ones(n)
+
+    sd = {"model.embed_tokens.weight": normal(vocab, d, std=0.5)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        sd[p + "input_layernorm.weight"] = norm(d)
+        for name, out_f in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
+            sd[p + f"self_attn.{name}_proj.weight"] = linear(out_f, d)
+            if family == "dream":
+                sd[p + f"self_attn.{name}_proj.bias"] = normal(out_f, std=0.2)
+        sd[p + "self_attn.o_proj.weight"] = linear(d, heads * hd)
+        if family == "sdar":
+            sd[p + "self_attn.q_norm.weight"] = norm(hd)
+            sd[p + "self_attn.k_norm.weight"] = norm(hd)
+        sd[p + "post_attention_layernorm.weight"] = norm(d)
+        sd[p + "mlp.gate_proj.weight"] = linear(ff, d)
+        sd[p + "mlp.up_proj.weight"] = linear(ff, d)
+        sd[p + "mlp.down_proj.weight"] = linear(d, ff)
+    sd["model.norm.weight"] = norm(d)
+    if not cfg["tie_word_embeddings"]:
+        sd["lm_head.weight"] = normal(vocab, d, std=0.5)
+    sd["lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight"][mask_id] *= 0.1
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def _write_tiny_qwen(path, family: str, dims: dict, seed: int, num_shards: int, dtype: torch.dtype,
+                     norm_std: float) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    spec, meta = FAMILIES[family], _real_metadata(family)
+    ids = _qwen_tokenizer_files(path, family, meta)
+    id_map = {real: ids[t] for real, (t, _) in zip(spec["real_ids"], spec["tokens"])}
+    vocab = -(-(max(ids.values()) + 1) // 8) * 8      # tokenizer size rounded up to a multiple of 8
+
+    cfg = meta["config"]
+    cfg.update(dims, vocab_size=vocab, max_window_layers=dims["num_hidden_layers"],
+               torch_dtype=str(dtype).removeprefix("torch."))
+    (path / "config.json").write_text(json.dumps(_remap_token_ids(cfg, id_map), indent=2) + "\n")
+    gen = _remap_token_ids(meta["generation_config"], id_map)
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    mask_id = ids[spec["tokens"][-1][0]]
+    _write_weights(path, _qwen_state_dict(cfg, family, seed, dtype, norm_std, mask_id), num_shards)
+    return path
+
+
+def write_tiny_dream(path, *, seed: int = 0, hidden_size: int = 64, num_attention_heads: int = 4,
+                     num_key_value_heads: int = 2, num_hidden_layers: int = 2, intermediate_size: int = 128,
+                     max_position_embeddings: int = 512, num_shards: int = 1, dtype: torch.dtype = torch.float32,
+                     tie_word_embeddings: bool = False, norm_std: float = 0.1) -> pathlib.Path:
+    """Tiny random Dream-v0-Instruct-7B: config.json (model_type "Dream", architectures ["DreamModel"], every
+    real field), generation_config.json, Qwen2 weights with q/k/v biases, byte-level fast tokenizer with
+    Dream's special tokens and Qwen2.5 chat template. rope_theta stays the real 1e6."""
+    dims = dict(hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+                num_key_value_heads=num_key_value_heads, num_hidden_layers=num_hidden_layers,
+                intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+                tie_word_embeddings=bool(tie_word_embeddings))
+    return _write_tiny_qwen(path, "dream", dims, seed, num_shards, dtype, norm_std)
+
+
+def write_tiny_sdar(path, *, seed: int = 0, hidden_size: int = 64, num_attention_heads: int = 4,
+                    num_key_value_heads: int = 2, head_dim: int = 16, num_hidden_layers: int = 2,
+                    intermediate_size: int = 128, block_size: int = 4, max_position_embeddings: int = 512,
+                    num_shards: int = 1, dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = False,
+                    norm_std: float = 0.1) -> pathlib.Path:
+    """Tiny random SDAR-4B-Chat: config.json (model_type "sdar", architectures ["SDARForCausalLM"], every real
+    field), generation_config.json (eos [<|im_end|>, <|endoftext|>]), Qwen3 weights with q_norm/k_norm,
+    byte-level fast tokenizer (mask_token <|MASK|>), chat_template.jinja. rope_theta stays the real 1e6."""
+    dims = dict(hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+                num_key_value_heads=num_key_value_heads, head_dim=head_dim, num_hidden_layers=num_hidden_layers,
+                intermediate_size=intermediate_size, block_size=block_size,
+                max_position_embeddings=max_position_embeddings, tie_word_embeddings=bool(tie_word_embeddings))
+    return _write_tiny_qwen(path, "sdar", dims, seed, num_shards, dtype, norm_std)
+
+
+def _family_of(path) -> str | None:
+    """'dream' / 'sdar' from config.json's model_type; None for anything else (LLaDA)."""
+    cfg = pathlib.Path(path) / "config.json"
+    model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    return next((f for f, spec in FAMILIES.items() if spec["model_type"] == model_type), None)
+
+
+def qwen_special_token_ids(path, family: str | None = None) -> dict[str, int]:
+    """Dream: {'eos', 'pad', 'im_start', 'im_end', 'bos' (<|beginoftext|>), 'mask'};
+    SDAR: {'eos', 'pad', 'im_start', 'im_end', 'think', 'end_think', 'mask'} -> id (pad = eos)."""
+    spec = FAMILIES[family or _family_of(path)]
+    tok = Tokenizer.from_file(str(pathlib.Path(path) / "tokenizer.json"))
+    ids = {key: tok.token_to_id(t) for key, (t, _) in zip(spec["keys"], spec["tokens"])}
     ids["pad"] = ids["eos"]
     return ids

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from checkpoints import load_tiny_state_dict, write_tiny_llada  # noqa: E402
+from checkpoints import load_tiny_state_dict, write_tiny_dream, write_tiny_llada, write_tiny_sdar  # noqa: E402
 from reference_llada import RefLLaDA  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
@@ -37,13 +37,23 @@ def shared_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llada(tmp_path_factory) -> pathlib.Path:
+def tiny_llada(tmp_path_factory, shared_dir) -> pathlib.Path:
     return write_tiny_llada(tmp_path_factory.mktemp("ckpt") / "tiny-llada", seed=0)
 
 
 @pytest.fixture(scope="session")
-def tiny_llada_sharded(tmp_path_factory) -> pathlib.Path:
+def tiny_llada_sharded(tmp_path_factory, shared_dir) -> pathlib.Path:
     return write_tiny_llada(tmp_path_factory.mktemp("ckpt") / "tiny-llada-sharded", seed=0, num_shards=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_dream(tmp_path_factory, shared_dir) -> pathlib.Path:
+    return write_tiny_dream(tmp_path_factory.mktemp("ckpt") / "tiny-dream", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdar(tmp_path_factory, shared_dir) -> pathlib.Path:
+    return write_tiny_sdar(tmp_path_factory.mktemp("ckpt") / "tiny-sdar", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def test_threshold_matches_fastdllm(llm_factory, ref_model, ids, cache, plen, ge
     outs = llm_factory(cache, "threshold").generate(
         batch, SamplingParams(max_tokens=gen, block_length=block, threshold=threshold, ignore_eos=True))
     assert [o.token_ids for o in outs] == want[:, plen:].tolist()
-    assert outs[0].metrics.nfe == nfe
+    assert max(o.metrics.nfe for o in outs) == nfe  # a row leaves the batch as soon as it is complete
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])

@@ -16,17 +16,20 @@ from dllm.models.spec import ArchConfig
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in float32, cast back to the input dtype, then scaled by the weight."""
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back to the input dtype, then scaled by the weight (HF
+    LLaMA/Qwen order); with `weight_fp32` scaled first and cast after (flash-attn's rms_norm_fn, used by SDAR)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, weight_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.weight_fp32 = eps, weight_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_fp32:
+            return (self.weight.float() * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -68,8 +71,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_fp32) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_fp32) if cfg.qk_norm else None
 
     def forward(self, x, rotary: Rotary, rope: tuple, plan: AttentionPlan | None, layer: int) -> torch.Tensor:
         b, n, _ = x.shape
@@ -102,9 +105,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rotary, rope, plan, layer):
@@ -120,7 +123,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_full_precision)
         if cfg.tie_word_embeddings:

@@ -10,6 +10,7 @@ import re
 
 from dllm.errors import UnsupportedModelError
 from dllm.models.spec import ArchConfig, ModelSpec
+from dllm.models.tokens import token_id
 
 # The chat template closes every turn with this token; it ends an answer like EOS does.
 _END_OF_TURN = "<|eot_id|>"
@@ -76,13 +77,13 @@ class LLaDAAdapter:
     def spec(self, cfg: dict, gen_cfg: dict, tokenizer) -> ModelSpec:
         mask_id = cfg.get("mask_token_id")
         if mask_id is None:
-            mask_id = _token_id(tokenizer, _MASK_TOKEN)
+            mask_id = token_id(tokenizer, _MASK_TOKEN)
         if mask_id is None:
             raise UnsupportedModelError(
                 f"cannot find the mask token: config.json has no mask_token_id and the tokenizer has no {_MASK_TOKEN}")
         eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id", getattr(tokenizer, "eos_token_id", None)))
         eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        eot = _token_id(tokenizer, _END_OF_TURN)
+        eot = token_id(tokenizer, _END_OF_TURN)
         stop_ids = tuple(dict.fromkeys(i for i in [*eos_ids, eot] if i is not None))
         pad = cfg.get("pad_token_id", getattr(tokenizer, "pad_token_id", None))
         return ModelSpec(
@@ -92,11 +93,3 @@ class LLaDAAdapter:
             shift_logits=False, attention="full", max_length=cfg.get("max_sequence_length", 4096),
             defaults={"max_tokens": 128, "block_length": 32},
         )
-
-
-def _token_id(tokenizer, token: str) -> int | None:
-    """The id of a special token by name, or None when the vocabulary lacks it."""
-    if tokenizer is None:
-        return None
-    tid = tokenizer.convert_tokens_to_ids(token)
-    return None if tid is None or tid == tokenizer.unk_token_id else int(tid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,12 +91,22 @@ def read_json(path: Path) -> dict:
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    custom = (tok_cfg.get("auto_map") or {}).get("AutoTokenizer")
+    import transformers
+    builtin = hasattr(transformers, str(tok_cfg.get("tokenizer_class")))  # e.g. SDAR names Qwen2Tokenizer
+    if custom and not builtin and not trust_remote_code:
+        raise UnsupportedModelError(
+            f"the tokenizer of {path} is custom code ({tok_cfg.get('tokenizer_class', custom)}); pass "
+            "trust_remote_code=True (CLI: --trust-remote-code) to allow it to run")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # AutoConfig warns that it does not know our families' model_type
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with warnings.catch_warnings():  # ...and about config fields of the checkpoints' transformers version
+            warnings.simplefilter("ignore", FutureWarning)
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise UnsupportedModelError(
             f"cannot load the tokenizer from {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "

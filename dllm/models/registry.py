@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dllm.errors import UnsupportedModelError
+from dllm.models.dream import DreamAdapter
 from dllm.models.llada import LLaDAAdapter
+from dllm.models.sdar import SDARAdapter, SDARMoeAdapter
 
-ADAPTERS = [LLaDAAdapter()]
+ADAPTERS = [LLaDAAdapter(), DreamAdapter(), SDARAdapter(), SDARMoeAdapter()]
 
 
 def adapter_for(cfg: dict, where: str = "the checkpoint"):
@@ -14,7 +16,8 @@ def adapter_for(cfg: dict, where: str = "the checkpoint"):
     for adapter in ADAPTERS:
         if model_type.lower() in adapter.model_types or any(a in adapter.architectures for a in archs):
             return adapter
-    supported = ", ".join(f"{a.family} (model_type {'/'.join(a.model_types)})" for a in ADAPTERS)
+    supported = ", ".join(f"{a.family} (model_type {'/'.join(a.model_types)})" for a in ADAPTERS
+                          if a.family != "sdar_moe")
     raise UnsupportedModelError(
         f"{where} has model_type {model_type!r} and architectures {archs}, which dllm does not support; "
         f"supported families: {supported}")

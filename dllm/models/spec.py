@@ -26,6 +26,7 @@ class ArchConfig:
     qk_norm: bool = False           # per-head RMSNorm on q and k before RoPE (Qwen3 / SDAR)
     tie_word_embeddings: bool = False
     rope_full_precision: bool = True  # rotate q/k in float32 (LLaDA's `rope_full_precision`)
+    norm_weight_fp32: bool = False    # RMSNorm scales by its weight before casting back (SDAR's fused rms_norm_fn)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -35,6 +36,8 @@ class ArchConfig:
     def num_parameters(self) -> int:
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        attn += d * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+        attn += 2 * d if self.qk_norm else 0
         mlp = 3 * h * self.intermediate_size
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + head + self.num_layers * (attn + mlp + 2 * h) + h
