@@ -79,7 +79,10 @@ class Strategy:
         self.step_index = 0
 
     def step(self, logits: torch.Tensor, masked: torch.Tensor, generators: list, first_only: bool = False):
-        x0, probs = self.propose(logits, self.params, generators, self.token_ids(logits.device), self.confidence_dtype)
+        # Seeded rows draw random numbers only while they have something to decode in the block.
+        self.active = None if all(g is None for g in generators) else masked.any(-1).tolist()
+        x0, probs = self.propose(logits, self.params, generators, self.token_ids(logits.device),
+                                 self.confidence_dtype, self.active)
         if first_only:
             commit = torch.zeros_like(masked)
             commit[:, 0] = True

@@ -33,7 +33,7 @@ class LLaDAReference(Strategy):
 
     def choose(self, x0, probs, masked, generators) -> torch.Tensor:
         if self.params.remasking == "random":
-            confidence = rand_like_rows(tuple(masked.shape), generators, torch.float64, masked.device)
+            confidence = rand_like_rows(tuple(masked.shape), generators, torch.float64, masked.device, self.active)
             confidence = confidence.masked_fill(~masked, -torch.inf)
         else:
             confidence = chosen_probability(x0, probs, masked)

@@ -18,35 +18,37 @@ def _forbid(logits: torch.Tensor, ids: torch.Tensor, value: float = -torch.inf) 
     return logits.index_fill(-1, ids, value)
 
 
-def multinomial_rows(probs: torch.Tensor, generators: list) -> torch.Tensor:
-    """One draw per position from probs [B, L, V]; row b uses generators[b] (or the global generator)."""
+def multinomial_rows(probs: torch.Tensor, generators: list, active: list[bool] | None = None) -> torch.Tensor:
+    """One draw per position from probs [B, L, V]; row b uses generators[b] (or the global generator); inactive
+    rows draw nothing (see `rand_like_rows`)."""
     if all(g is None for g in generators):
         return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:-1])
-    return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
+    return torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) if active is None or active[b]
+                        else p.argmax(-1) for b, (p, g) in enumerate(zip(probs, generators))])
 
 
-def _draw(probs: torch.Tensor, temperature: float, generators: list, mask: torch.Tensor) -> torch.Tensor:
-    x0 = multinomial_rows(probs, generators) if temperature > 0 else probs.argmax(-1)
+def _draw(probs: torch.Tensor, temperature: float, generators: list, mask: torch.Tensor, active) -> torch.Tensor:
+    x0 = multinomial_rows(probs, generators, active) if temperature > 0 else probs.argmax(-1)
     top2 = probs.topk(2, dim=-1).indices                                           # [B, L, 2]
     best_other = torch.where(top2[..., 0] == mask, top2[..., 1], top2[..., 0])
     return torch.where(x0 == mask, best_other, x0)
 
 
-def llada_proposal(logits, params, generators, ids, confidence_dtype):
+def llada_proposal(logits, params, generators, ids, confidence_dtype, active=None):
     """LLaDA (ML-GSAI/LLaDA `generate`): float64 Gumbel-max sampling, confidence from the untempered softmax
     in `confidence_dtype` (None = the logits' dtype). `logits_eos_inf` removes EOS before sampling;
     `confidence_eos_eot_inf` gives EOS/EoT zero probability after sampling (LLaDA's chained assignment reaches
     EOS only at temperature 0; here the documented meaning holds at every temperature)."""
     if params.logits_eos_inf and ids.eos is not None:
         logits = _forbid(logits, ids.eos)
-    x0 = sample_tokens(_forbid(logits, ids.mask), params.temperature, generators)
+    x0 = sample_tokens(_forbid(logits, ids.mask), params.temperature, generators, active)
     if params.confidence_eos_eot_inf and ids.eos_eot is not None:
         logits = _forbid(logits, ids.eos_eot)
     probs = torch.softmax(logits if confidence_dtype is None else logits.to(confidence_dtype), dim=-1)
     return x0, probs
 
 
-def dream_proposal(logits, params, generators, ids, confidence_dtype=None):
+def dream_proposal(logits, params, generators, ids, confidence_dtype=None, active=None):
     """Dream (`generation_utils.sample_tokens`): logits / T when T > 0, then top-p, then top-k (removed entries
     set to the dtype's minimum), softmax; x0 drawn from it at T > 0, else its argmax."""
     t = params.temperature
@@ -57,10 +59,10 @@ def dream_proposal(logits, params, generators, ids, confidence_dtype=None):
     if params.top_k:
         logits = _top_k(logits, params.top_k, torch.finfo(logits.dtype).min)
     probs = torch.softmax(logits, dim=-1)
-    return _draw(probs, t, generators, ids.mask), probs
+    return _draw(probs, t, generators, ids.mask, active), probs
 
 
-def sdar_proposal(logits, params, generators, ids, confidence_dtype=None):
+def sdar_proposal(logits, params, generators, ids, confidence_dtype=None, active=None):
     """SDAR (`sample_with_temperature_topk_topp`): logits / T unless T is 1, then top-k, then top-p (removed
     entries -inf), softmax, one multinomial draw per block position. T = 0 (which the authors' code cannot run)
     is greedy: the argmax of the filtered logits, confidence from their softmax at T = 1."""
@@ -72,7 +74,7 @@ def sdar_proposal(logits, params, generators, ids, confidence_dtype=None):
     if params.top_p is not None and params.top_p < 1:
         logits = _top_p(logits, params.top_p, -torch.inf)
     probs = torch.softmax(logits, dim=-1)
-    return _draw(probs, t, generators, ids.mask), probs
+    return _draw(probs, t, generators, ids.mask, active), probs
 
 
 def _top_k(logits: torch.Tensor, k: int, fill: float) -> torch.Tensor:

@@ -8,19 +8,25 @@ from __future__ import annotations
 import torch
 
 
-def rand_like_rows(shape: tuple, generators: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uniform [0, 1) noise of `shape` = (B, ...), row b drawn from generators[b] (or the global generator)."""
+def rand_like_rows(shape: tuple, generators: list, dtype: torch.dtype, device: torch.device,
+                   active: list[bool] | None = None) -> torch.Tensor:
+    """Uniform [0, 1) noise of `shape` = (B, ...), row b drawn from generators[b] (or the global generator).
+    Rows marked inactive (nothing left to decode in the block) draw nothing, so a seeded row consumes its
+    generator exactly as it would alone, whatever its batch neighbours still have to do."""
     if all(g is None for g in generators):
         return torch.rand(shape, dtype=dtype, device=device)
-    return torch.stack([torch.rand(shape[1:], dtype=dtype, device=device, generator=g) for g in generators])
+    return torch.stack([torch.rand(shape[1:], dtype=dtype, device=device, generator=g)
+                        if active is None or active[b] else torch.zeros(shape[1:], dtype=dtype, device=device)
+                        for b, g in enumerate(generators)])
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, generators: list) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: float, generators: list,
+                  active: list[bool] | None = None) -> torch.Tensor:
     """Gumbel-max: argmax(exp(l) / (-log u)^T) in float64 (LLaDA `add_gumbel_noise`), written in log space
     as argmax(l - T log(-log u)) so large logits cannot overflow; plain argmax at T = 0."""
     if temperature == 0:
         return logits.argmax(-1)
-    noise = rand_like_rows(tuple(logits.shape), generators, torch.float64, logits.device)
+    noise = rand_like_rows(tuple(logits.shape), generators, torch.float64, logits.device, active).clamp_min(1e-300)
     return (logits.double() - temperature * torch.log(-torch.log(noise))).argmax(-1)
 
 

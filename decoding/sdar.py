@@ -59,7 +59,7 @@ class SDARReference(Strategy):
     def _entropy_bounded(self, probs, masked) -> torch.Tensor:
         gamma = self.params.entropy_bound if self.params.entropy_bound is not None else DEFAULT_ENTROPY_BOUND
         p = probs.clamp_min(1e-12)
-        entropy = -(p * p.log()).sum(-1).masked_fill(~masked, torch.inf)     # [B, Lb]
+        entropy = (-(p * p.log()).sum(-1)).masked_fill(~masked, torch.inf)   # [B, Lb]
         ordered, order = torch.sort(entropy, dim=-1, stable=True)
         finite = torch.isfinite(ordered)
         ordered = ordered.masked_fill(~finite, 0.0)
