@@ -12,6 +12,7 @@ from cache import CACHES
 from decoding import STRATEGIES
 from dllm.errors import DllmError
 from dllm.sampling_params import DREAM_ALGS, REMASKING, SamplingParams
+from dllm.zoo import DEFAULT_MODEL
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,9 +22,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
 
 
-def _engine_options(p: argparse.ArgumentParser) -> None:
+MODEL_HELP = ("checkpoint directory in the Hugging Face layout, a bundled zoo model (tiny-llada, tiny-dream, "
+              f"tiny-sdar) or a hub id such as GSAI-ML/LLaDA-8B-Instruct. Default: {DEFAULT_MODEL}")
+
+
+def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
     g = p.add_argument_group("model and engine")
-    g.add_argument("model", help="checkpoint directory in the Hugging Face layout, or a hub id (e.g. GSAI-ML/LLaDA-8B-Instruct)")
+    if model_positional:
+        g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
+    else:
+        g.add_argument("--model", "-m", default=DEFAULT_MODEL, help=MODEL_HELP)
     g.add_argument("--cache", default="none", metavar="{" + ",".join(CACHES) + "}",
                    help="KV cache: none = recompute everything each step (exact); prefix = Fast-dLLM prefix cache "
                         "(prompt and finished blocks reused, refreshed at each block start); dual = Fast-dLLM dual "
@@ -83,15 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
     _engine_options(gen)
     _sampling_options(gen)
-    gen.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeat for a batch); stdin when none is given")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (several make a batch); stdin when none is given")
+    gen.add_argument("--prompt", "-p", action="append", default=[], help="another prompt (repeatable)")
     gen.add_argument("--prompt-file", default=None, help="a file with one prompt per line")
-    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the checkpoint's chat template")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap each prompt as a user turn in the checkpoint's chat template (default: when the "
+                          "checkpoint has one); --no-chat sends the raw text")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt (text, token_ids, finish_reason, metrics)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     chat = sub.add_parser("chat", help="interactive chat; the reply streams as blocks become final")
     _engine_options(chat)
     _sampling_options(chat)
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    from dllm.server.cli import add_serve_parser  # argparse only: FastAPI is imported when `serve` runs
+    add_serve_parser(sub)
     return parser
 
 
@@ -112,7 +125,7 @@ def build_llm(args: argparse.Namespace):
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
+    prompts = list(args.prompts) + list(args.prompt)
     if args.prompt_file:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -131,10 +144,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     params = sampling_params(args)
     prompts = _read_prompts(args)
     llm = build_llm(args)
-    inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
+    chat = args.chat if args.chat is not None else bool(getattr(llm.tokenizer, "chat_template", None))
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if chat else prompts
     from tqdm import tqdm
     outputs = {}
-    events = llm.stream_chat(inputs, params) if args.chat else llm.stream(inputs, params)
+    events = llm.stream_chat(inputs, params) if chat else llm.stream(inputs, params)
     with tqdm(total=len(prompts), desc="generating", unit="req", disable=True if args.no_progress else None,
               file=sys.stderr) as bar:
         for event in events:
@@ -185,11 +199,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"[{m.num_tokens} tokens, {m.nfe} forwards, {m.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from dllm.server.cli import run_serve
+    run_serve(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
     except DllmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,226 @@
+"""Request and response models of the OpenAI API (chat completions, completions, models), in OpenAI's field
+names and order, plus the dLLM extras a client sends as extra body fields (`extra_body=` in the `openai`
+client). `to_sampling_params()` is the one place a request becomes `SamplingParams`.
+
+Unknown fields are accepted and ignored (logged), as OpenAI-compatible servers do, except OpenAI fields that
+would change the result and that dllm cannot honour (penalties, logprobs, tools, ...): a request setting one of
+those to anything but its no-op value is refused with 400.
+"""
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dllm.sampling_params import SamplingParams
+from dllm.server.errors import ApiError
+
+# OpenAI fields dllm cannot honour, with the values that leave them off.
+UNSUPPORTED_FIELDS = {
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none"), "function_call": (None, "none"), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+}
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class DllmOptions(OpenAIModel):
+    """dLLM extras (not in OpenAI's API); see `SamplingParams` for what each one does."""
+
+    top_k: int | None = None
+    steps: int | None = None
+    block_length: int | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    remasking: str | None = None
+    alg: str | None = None
+    alg_temp: float | None = None
+    eps: float | None = None
+    entropy_bound: float | None = None
+    cfg_scale: float | None = None
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    strategy: str | None = None
+    """Decoding strategy of this request; default: the server's --strategy."""
+    cache: str | None = None
+    """KV-cache policy of this request; default: the server's --cache."""
+    return_token_ids: bool = False
+    """Non-streamed responses: add each choice's generated `token_ids`."""
+
+    def unsupported_fields(self) -> None:
+        for name, off in UNSUPPORTED_FIELDS.items():
+            if name in (self.model_extra or {}) and self.model_extra[name] not in off:
+                raise ApiError(f"{name} is not supported by dllm; leave it unset", param=name,
+                               code="unsupported_parameter")
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(set(self.model_extra or {}) - set(UNSUPPORTED_FIELDS))
+
+    def stop_strings(self) -> list[str]:
+        stop = getattr(self, "stop", None)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise ApiError("stop strings must be non-empty", param="stop")
+        return stops
+
+    def requested_max_tokens(self) -> int | None:
+        """`max_tokens`, or its newer OpenAI name `max_completion_tokens` (chat)."""
+        alias = getattr(self, "max_completion_tokens", None)
+        if alias is not None and self.max_tokens is not None and alias != self.max_tokens:
+            raise ApiError("max_tokens and max_completion_tokens differ; set only one of them",
+                           param="max_completion_tokens")
+        value = alias if alias is not None else self.max_tokens
+        if value is not None and value < 1:
+            raise ApiError(f"max_tokens must be >= 1, got {value}", param="max_tokens")
+        return value
+
+    def to_sampling_params(self, *, max_tokens: int | None, seed: int | None) -> SamplingParams:
+        """The request's SamplingParams with the canvas length `max_tokens` (the requested number rounded up
+        to a multiple of block_length) and this choice's seed. Raises InvalidParameterError for bad values."""
+        return SamplingParams(
+            max_tokens=max_tokens, block_length=self.block_length, steps=self.steps, temperature=self.temperature,
+            top_p=None if self.top_p == 1 else self.top_p,  # 1 and top_k 0/-1 are no-ops, as in OpenAI's API
+            top_k=None if self.top_k in (0, -1) else self.top_k, remasking=self.remasking, alg=self.alg,
+            alg_temp=self.alg_temp, eps=self.eps, entropy_bound=self.entropy_bound,
+            cfg_scale=self.cfg_scale or 0.0, threshold=self.threshold, factor=self.factor,
+            logits_eos_inf=self.logits_eos_inf, confidence_eos_eot_inf=self.confidence_eos_eot_inf, seed=seed,
+            ignore_eos=self.ignore_eos, stop_token_ids=list(self.stop_token_ids or []),
+            skip_special_tokens=self.skip_special_tokens)
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class ContentPart(OpenAIModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIModel):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        if any(part.type != "text" for part in self.content):
+            raise ApiError("only text content parts are supported", param="messages")
+        return "\n".join(part.text or "" for part in self.content)
+
+
+class ChatCompletionRequest(DllmOptions):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+
+
+class CompletionRequest(DllmOptions):
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = None
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "dllm"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str
+    token_ids: list[int] | None = None  # extra: with return_token_ids
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None  # extra: with return_token_ids (non-streamed)
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
