@@ -1,0 +1,78 @@
+"""Accuracy of a model on the zoo tasks under named decoding settings, through the public API; used for the
+model cards and by the tests that hold the zoo to its accuracy bar.
+
+Settings (the same for every family, each family's reference sampler underneath):
+  reference   one token a step (the family's own sampler; SDAR: static low-confidence, one token a step)
+  aggressive  a fixed 32 tokens a step with no threshold (LLaDA: each 32-token block in one step; SDAR: blocks of 32
+              decoded in one step each, eight of its native 4-token blocks at once)
+  threshold   Fast-dLLM threshold decoding at 0.9
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from dllm.sampling_params import SamplingParams
+
+MAX_TOKENS = {"arith": 128, "gsm-lite": 128, "code-lite": 96}
+SETTINGS = ("reference", "aggressive", "threshold")
+
+
+@dataclass
+class TaskResult:
+    task: str
+    setting: str
+    accuracy: float
+    num_problems: int
+    tokens_per_forward: float
+    seconds: float
+
+
+def setting(llm, name: str, task: str) -> tuple[str, SamplingParams]:
+    """(strategy, params) of a named setting for this model family and task."""
+    g = MAX_TOKENS[task]
+    family, block = llm.spec.family, llm.spec.native_block_size
+    if name == "threshold":
+        return "threshold", SamplingParams(max_tokens=g, threshold=0.9, temperature=0)
+    per_step = 1 if name == "reference" else 32
+    if family == "sdar":
+        block = block if name == "reference" else 32
+        steps = block if name == "reference" else 1
+        return "reference", SamplingParams(max_tokens=g, block_length=block, steps=steps,
+                                           remasking="low_confidence_static", temperature=0)
+    extra = {"alg": "maskgit_plus"} if family == "dream" else {}
+    return "reference", SamplingParams(max_tokens=g, steps=g // per_step, temperature=0, **extra)
+
+
+def evaluate(path: str, tasks=("arith", "gsm-lite", "code-lite"), settings=SETTINGS, num_problems: int = 200,
+             device: str = "auto", batch_size: int = 256) -> list[TaskResult]:
+    from dllm.api import LLM
+    from eval.tasks import get_task
+    from eval.tasks.chat import to_messages
+    llms: dict[str, LLM] = {}
+    results = []
+    for task_name in tasks:
+        task = get_task(task_name)
+        problems = task.generate("test", num_problems)
+        for name in settings:
+            probe = llms.get("reference") or LLM(path, device=device, max_batch_size=batch_size)
+            llms.setdefault("reference", probe)
+            strategy, params = setting(probe, name, task_name)
+            if strategy not in llms:
+                llms[strategy] = LLM(path, strategy=strategy, device=device, max_batch_size=batch_size)
+            start = time.perf_counter()
+            outs = llms[strategy].chat([to_messages(p) for p in problems], params)
+            seconds = time.perf_counter() - start
+            correct = sum(task.check(p, o.text) for p, o in zip(problems, outs))
+            tpf = sum(o.metrics.num_tokens for o in outs) / max(1, sum(o.metrics.nfe for o in outs))
+            results.append(TaskResult(task_name, name, correct / len(problems), len(problems), round(tpf, 2),
+                                      round(seconds, 1)))
+    return results
+
+
+def table(results: list[TaskResult]) -> str:
+    lines = ["| task | setting | accuracy | problems | tokens per forward | seconds |", "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.task} | {r.setting} | {100 * r.accuracy:.1f}% | {r.num_problems} | "
+                     f"{r.tokens_per_forward} | {r.seconds} |")
+    return "\n".join(lines)
