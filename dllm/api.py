@@ -23,14 +23,16 @@ from dllm.errors import InvalidParameterError
 from dllm.models.loader import load_model
 from dllm.outputs import RequestOutput, StreamEvent
 from dllm.sampling_params import SamplingParams
+from dllm.zoo import DEFAULT_MODEL
 
 PromptType = str | list[int] | dict
 
 
 class LLM:
-    """A loaded diffusion LM with one cache policy and one decoding strategy."""
+    """A loaded diffusion LM with one cache policy and one decoding strategy. `model`: a checkpoint directory,
+    a bundled zoo model (`tiny-llada`, the default, `tiny-dream`, `tiny-sdar`) or a hub id."""
 
-    def __init__(self, model: str | Path, *, cache: str = "none", strategy: str = "reference", dtype: str = "auto",
+    def __init__(self, model: str | Path = DEFAULT_MODEL, *, cache: str = "none", strategy: str = "reference", dtype: str = "auto",
                  device: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
                  max_batch_size: int = 32, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
                  seed: int = 0):

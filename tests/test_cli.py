@@ -20,7 +20,7 @@ def dllm(*args, stdin=None):
 
 
 def test_generate_json(tiny_llada):
-    r = dllm("generate", str(tiny_llada), "-p", "hello", "-p", "a longer prompt", "--max-tokens", "16",
+    r = dllm("generate", "--model", str(tiny_llada), "-p", "hello", "-p", "a longer prompt", "--max-tokens", "16",
              "--block-length", "4", "--cache", "dual", "--strategy", "threshold", "--threshold", "0.8", "--json")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
@@ -34,14 +34,14 @@ def test_generate_matches_the_api(tiny_llada):
     from dllm import LLM, SamplingParams
     want = LLM(str(tiny_llada)).chat([{"role": "user", "content": "hi"}],
                                      SamplingParams(max_tokens=16, block_length=8, steps=8))[0]
-    r = dllm("generate", str(tiny_llada), "--chat", "--max-tokens", "16", "--block-length", "8", "--steps", "8",
+    r = dllm("generate", "--model", str(tiny_llada), "--chat", "--max-tokens", "16", "--block-length", "8", "--steps", "8",
              "--json", stdin="hi")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["token_ids"] == want.token_ids
 
 
 def test_chat_session(tiny_llada):
-    r = dllm("chat", str(tiny_llada), "--max-tokens", "8", "--block-length", "4", stdin="hello\n/reset\nagain\n/exit\n")
+    r = dllm("chat", "--model", str(tiny_llada), "--max-tokens", "8", "--block-length", "4", stdin="hello\n/reset\nagain\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("tokens/s]") == 2
 
@@ -56,14 +56,14 @@ def test_chat_session(tiny_llada):
     (["--threshold", "0.9"], "threshold does not apply to strategy 'reference'"),
 ])
 def test_bad_options_are_one_line(tiny_llada, args, message):
-    r = dllm("generate", str(tiny_llada), "-p", "hello there", *args)
+    r = dllm("generate", "--model", str(tiny_llada), "-p", "hello there", *args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
 
 
 def test_missing_path(tmp_path):
-    r = dllm("generate", str(tmp_path / "nope"), "-p", "x")
+    r = dllm("generate", "--model", str(tmp_path / "nope"), "-p", "x")
     assert r.returncode == 2 and r.stderr.strip() == (
         f"error: model directory '{tmp_path / 'nope'}' does not exist; pass a checkpoint directory or a hub id "
         "like GSAI-ML/LLaDA-8B-Instruct")
@@ -75,18 +75,18 @@ def test_other_family(tiny_llada, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
     (other / "config.json").write_text(json.dumps(cfg))
-    r = dllm("generate", str(other), "-p", "x")
+    r = dllm("generate", "--model", str(other), "-p", "x")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "model_type 'mistral'" in r.stderr and "supported families" in r.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_without_gpu(tiny_llada):
-    r = dllm("generate", str(tiny_llada), "-p", "x", "--device", "cuda")
+    r = dllm("generate", "--model", str(tiny_llada), "-p", "x", "--device", "cuda")
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: CUDA was requested but no GPU is available here; pass device='cpu' (CLI: --device cpu)")
 
 
 def test_no_prompt(tiny_llada):
-    r = dllm("generate", str(tiny_llada), stdin="")
+    r = dllm("generate", "--model", str(tiny_llada), stdin="")
     assert r.returncode == 2 and "no prompt given" in r.stderr

@@ -65,10 +65,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def resolve_path(model: str | Path, revision: str | None = None) -> Path:
-    """A local checkpoint directory, downloading a hub id with huggingface_hub when it is not local."""
+    """A local checkpoint directory, a bundled zoo model by name, or a hub id (downloaded with huggingface_hub)."""
+    from dllm.zoo import bundled_path
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if bundled_path(str(model)) is not None:
+        return bundled_path(str(model))
     text = str(model)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
     if not looks_like_hub_id:
