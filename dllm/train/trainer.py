@@ -159,10 +159,10 @@ def train(cfg: TrainConfig) -> pathlib.Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % cfg.log_every == 0:
-            losses.append((step, float(loss)))
-            logger.info("%s step %d loss %.4f (%.0f s)", cfg.family, step, float(loss), time.perf_counter() - start)
+            losses.append((step, loss.item()))
+            logger.info("%s step %d loss %.4f (%.0f s)", cfg.family, step, losses[-1][1], time.perf_counter() - start)
         step += 1
-    losses.append((step, float(loss)))
+    losses.append((step, loss.item()))
     cfg.steps = step  # the record says how many steps were actually taken
     seconds = time.perf_counter() - start
     return _save(cfg, model, arch, tokenizer, ids, losses, seconds, device, len(data.rows))
