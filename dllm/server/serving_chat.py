@@ -21,20 +21,8 @@ class ServingChat:
         self.serving = serving
 
     async def create(self, body: ChatCompletionRequest) -> ApiError | ChatCompletionResponse | SseStream:
-        try:
-            self.serving.model_name(body.model)
-            generation = self.serving.prepare(body, [self._prompt(body)], "chatcmpl", "messages")
-            handle = self.serving.submit(generation)
-        except ApiError as exc:
-            return exc
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return SseStream(self._stream(generation, handle, usage), handle.cancel)
-        try:
-            await self.serving.run_to_end(generation, handle)
-        except ApiError as exc:
-            return exc
-        return self._response(generation, body.return_token_ids)
+        return await self.serving.respond(body, lambda: [self._prompt(body)], "chatcmpl", "messages", self._stream,
+                                          lambda g: self._response(g, body.return_token_ids))
 
     def _prompt(self, body: ChatCompletionRequest) -> Prompt:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]

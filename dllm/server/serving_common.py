@@ -157,6 +157,25 @@ class OpenAIServing:
             if delta or choice.finished:
                 yield choice, delta
 
+    async def respond(self, body, prompts: Callable[[], list[Prompt]], prefix: str, prompt_param: str,
+                      stream: Callable, response: Callable[[Generation], BaseModel]):
+        """The flow every endpoint shares: validate, submit, then an SSE stream or the whole response.
+        Returns an `ApiError`, the response, or an `SseStream`; bad input never raises out of it."""
+        try:
+            self.model_name(body.model)
+            generation = self.prepare(body, prompts(), prefix, prompt_param)
+            handle = self.submit(generation)
+        except ApiError as exc:
+            return exc
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return SseStream(stream(generation, handle, usage), handle.cancel)
+        try:
+            await self.run_to_end(generation, handle)
+        except ApiError as exc:
+            return exc
+        return response(generation)
+
     async def run_to_end(self, generation: Generation, handle: RequestHandle) -> None:
         try:
             async for _ in self.events(generation, handle):

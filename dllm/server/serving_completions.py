@@ -18,21 +18,13 @@ class ServingCompletions:
         self.serving = serving
 
     async def create(self, body: CompletionRequest) -> ApiError | CompletionResponse | SseStream:
-        try:
-            self.serving.model_name(body.model)
-            generation = self.serving.prepare(body, self._prompts(body.prompt), "cmpl", "prompt")
-            handle = self.serving.submit(generation)
-        except ApiError as exc:
-            return exc
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return SseStream(self._stream(generation, handle, usage), handle.cancel)
-        try:
-            await self.serving.run_to_end(generation, handle)
-        except ApiError as exc:
-            return exc
+        return await self.serving.respond(body, lambda: self._prompts(body.prompt), "cmpl", "prompt", self._stream,
+                                          lambda g: self._response(g, body.return_token_ids))
+
+    @staticmethod
+    def _response(generation: Generation, return_token_ids: bool) -> CompletionResponse:
         choices = [CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                                    token_ids=c.token_ids if body.return_token_ids else None)
+                                    token_ids=c.token_ids if return_token_ids else None)
                    for c in generation.choices]
         return CompletionResponse(id=generation.id, created=generation.created, model=generation.model,
                                   choices=choices, usage=generation.usage())
