@@ -48,6 +48,7 @@ class Canvas:
         self.positions = (cols - pad).clamp(min=0).to(device)                    # [B, T]
         self.key_valid = (cols >= pad).to(device) if bool(pad.any()) else None  # [B, T] or None
         self.gen_starts = torch.tensor([p + n for p, n in zip(pads, lengths)], device=device)  # [B]
+        self.gen_start_cols = [p + n for p, n in zip(pads, lengths)]  # the same on the host: no sync per step
         self.gen_start = 0 if self.block_causal else width                        # first column of block 0
         self._cols = torch.arange(self.length, device=device)
 
@@ -90,16 +91,17 @@ class Canvas:
     def generated(self) -> list[list[int]]:
         """Each row's generation region (max_tokens columns from its start), as lists."""
         rows = self.tokens.tolist()
-        return [r[s:s + self.max_tokens] for r, s in zip(rows, self.gen_starts.tolist())]
+        return [r[s:s + self.max_tokens] for r, s in zip(rows, self.gen_start_cols)]
 
     def block_done(self, first_mask: list[int], end: int) -> bool:
         """Whether no row has a MASK before column `end` (within its first max_tokens generated positions)."""
-        return all(m >= end - s for m, s in zip(first_mask, self.gen_starts.tolist()))
+        return all(m >= end - s for m, s in zip(first_mask, self.gen_start_cols))
 
     def select_rows(self, keep: torch.Tensor) -> None:
         self.tokens = self.tokens[keep]
         self.positions = self.positions[keep]
         self.gen_starts = self.gen_starts[keep]
+        self.gen_start_cols = [self.gen_start_cols[i] for i in keep.tolist()]
         if self.key_valid is not None:
             self.key_valid = self.key_valid[keep]
             if bool(self.key_valid.all()):
