@@ -12,8 +12,19 @@ Verbs of a policy (the engine calls nothing else):
 
 A `ForwardPlan` is the `dllm.attention.AttentionPlan` the model consumes: the fed slice [start, end), and
 per layer `kv()`, which writes the fed tokens' K/V into the buffers and returns what to attend to. Policies
-that need other shapes (per-row gathers, per-layer recompute, attention statistics) subclass ForwardPlan;
-the engine and the model stay unchanged.
+that need other shapes subclass ForwardPlan; the engine and the model stay unchanged:
+  - per-row gathers: `index` [B, n] names the canvas columns fed (instead of the slice), `logits_index`
+    [B, end - start] the fed slot whose output gives each block column's logits (shifted models: the column
+    before it); see `IndexedPlan`;
+  - per-layer recompute and attention statistics: the optional `attention()` / `layer_input()` hooks of
+    `dllm.attention.AttentionPlan`;
+  - `commit_mask` [B, end - start] bool: the block columns this forward may commit (None = every masked one),
+    for policies that only give usable logits for part of the block (Elastic-Cache's window);
+  - compute accounting: `kv_computations` ([B] tensor or int) = token x layer K/V computations this forward
+    made per row; when left None the engine counts every fed token in every layer.
+
+The policy sees the canvas (`self.canvas`, attached by the engine before the first plan; its `tokens` are the
+state before the forward being planned), so it can tell which positions were decoded since its last forward.
 """
 from __future__ import annotations
 
@@ -49,6 +60,10 @@ class ForwardPlan:
     buffers: KVBuffers | None = None
     read_end: int = 0
     first_only: bool = False
+    index: torch.Tensor | None = None
+    logits_index: torch.Tensor | None = None
+    kv_computations: torch.Tensor | int | None = None
+    commit_mask: torch.Tensor | None = None
 
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.buffers is None:
@@ -59,17 +74,64 @@ class ForwardPlan:
         return kb[:, :, :self.read_end], vb[:, :, :self.read_end]
 
 
+class IndexedPlan(ForwardPlan):
+    """Feed the canvas columns `index` [B, n] (rows may feed different columns; `valid` [B, n] False marks
+    padding slots, whose K/V are written to a scratch column that no query sees); every query attends to
+    every column's K/V in the buffers (length + 1 columns, the last being the scratch one)."""
+
+    def __init__(self, index: torch.Tensor, valid: torch.Tensor | None, logits_index: torch.Tensor,
+                 buffers: KVBuffers, key_mask: torch.Tensor, first_only: bool = False):
+        super().__init__(0, 0, key_mask, buffers, 0, first_only, index, logits_index)
+        scratch = buffers.k[0].shape[2] - 1
+        self.write = index if valid is None else index.masked_fill(~valid, scratch)       # [B, n]
+        self.kv_computations = None if valid is None else valid.sum(1)
+
+    def kv(self, layer, k, v):
+        kb, vb = self.buffers.k[layer], self.buffers.v[layer]
+        where = self.write[:, None, :, None].expand(-1, kb.shape[1], -1, kb.shape[3])
+        kb.scatter_(2, where, k)
+        vb.scatter_(2, where, v)
+        return kb, vb
+
+
 class CachePolicy:
     """Base policy with the buffer bookkeeping; subclasses implement `plan`."""
 
     name = "base"
     needs_buffers = True
     attentions = ("full", "block_causal")  # attention patterns the policy serves
+    supports_cfg = True
+    scratch_column = False  # IndexedPlan policies: one extra buffer column for padding slots
+    options: dict = {}      # option name -> default (`LLM(..., cache_options={...})`, CLI `--cache-option k=v`)
 
-    def __init__(self) -> None:
+    def __init__(self, **options) -> None:
+        self.opts = self.resolve_options(options)
         self.buffers: KVBuffers | None = None
         self.length = 0
         self.shift_logits = False
+        self.canvas = None
+        self.stop_ids: torch.Tensor | None = None
+
+    @classmethod
+    def resolve_options(cls, options: dict) -> dict:
+        """The policy's options with defaults filled; unknown names and values of the wrong type are refused."""
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            known = ", ".join(cls.options) or "none"
+            raise InvalidParameterError(f"cache '{cls.name}' has no option {unknown[0]!r}; its options: {known}")
+        resolved = dict(cls.options)
+        for key, value in options.items():
+            default = cls.options[key]
+            try:
+                resolved[key] = _coerce(value, default)
+            except (TypeError, ValueError):
+                raise InvalidParameterError(f"cache option {key}={value!r} must be a {type(default).__name__} "
+                                            f"(default {default!r})") from None
+        return resolved
+
+    def attach(self, canvas, stop_ids: torch.Tensor | None = None) -> None:
+        """The engine's canvas of this run (read-only for the policy) and the run's stop token ids."""
+        self.canvas, self.stop_ids = canvas, stop_ids
 
     @classmethod
     def check(cls, spec: ModelSpec) -> None:
@@ -82,7 +144,7 @@ class CachePolicy:
                  device: torch.device) -> None:
         self.length, self.shift_logits = length, spec.shift_logits
         if self.needs_buffers:
-            self.buffers = KVBuffers(arch, batch, length, dtype, device)
+            self.buffers = KVBuffers(arch, batch, length + int(self.scratch_column), dtype, device)
 
     def plan(self, start: int, end: int, step: int, mask) -> ForwardPlan:
         raise NotImplementedError
@@ -99,3 +161,22 @@ class CachePolicy:
         """Recompute [start, end), refresh those entries, attend to keys [0, read_end) (default: all)."""
         read_end = self.length if read_end is None else read_end
         return ForwardPlan(start, end, mask(start, end, read_end), self.buffers, read_end)
+
+
+def _coerce(value, default):
+    """`value` (possibly the text of a CLI option) as the type of `default`."""
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ValueError(value)
+    if isinstance(default, int) and not isinstance(value, bool):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if isinstance(default, float) and not isinstance(value, bool):
+        return float(value)
+    if default is None or isinstance(default, str):
+        return value
+    raise TypeError(value)

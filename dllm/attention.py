@@ -25,6 +25,12 @@ class AttentionPlan(Protocol):
 
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    # Optional, looked up with hasattr/getattr by the model:
+    #   attention(layer, q, k, v) -> out [B, H, Lq, D]: replaces kv() + attend() (a plan that needs the attention
+    #       weights, or computes keys for some layers only);
+    #   layer_input(layer, x, positions) -> (x, positions): called before each layer and once after the last
+    #       (layer = num_layers); may change which positions' hidden states go through the next layer.
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B, 1, Lq|1, Lk] -> [B, H, Lq, D].

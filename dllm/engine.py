@@ -53,10 +53,12 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, cache: str = "none", strategy: str = "reference"):
+    def __init__(self, loaded: LoadedModel, cache: str = "none", strategy: str = "reference",
+                 cache_options: dict | None = None):
         self.loaded, self.cache_name, self.strategy_name = loaded, cache, strategy
         self.model, self.spec, self.tokenizer = loaded.model, loaded.spec, loaded.tokenizer
         cache_class(cache).check(self.spec)  # refuse unknown or unsuitable choices now, not at the first request
+        self.cache_options = cache_class(cache).resolve_options(dict(cache_options or {}))
         self.strategy_cls = strategy_class(strategy, self.spec.family)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
@@ -77,6 +79,9 @@ class Engine:
                 f"{limit} tokens; shorten the prompt or lower max_tokens")
         if request.params.cfg_scale > 0 and self.spec.attention != "full":
             raise InvalidParameterError("cfg_scale needs a model with full attention; set cfg_scale=0")
+        if request.params.cfg_scale > 0 and not cache_class(self.cache_name).supports_cfg:
+            raise InvalidParameterError(f"cache '{self.cache_name}' does not support cfg_scale; set cfg_scale=0 "
+                                        "or use cache none, prefix or dual")
 
     def run(self, requests: list[Request]) -> Iterator[StreamEvent]:
         """Decode `requests` (same batch key) together, yielding newly final text after every step."""
@@ -99,12 +104,15 @@ class _Run:
                              engine.device)
         self.rows = [_Row(r, _generator(r.params.seed, engine.device)) for r in requests]
         self.strategy = engine.strategy_cls(p, self.spec)
-        self.cache = make_cache(engine.cache_name)
+        self.cache = make_cache(engine.cache_name, engine.cache_options)
         self.cfg = p.cfg_scale > 0
         batch = len(requests) * (2 if self.cfg else 1)
         self.cache.allocate(batch, self.canvas.length, engine.loaded.arch, self.spec, engine.dtype, engine.device)
+        self.num_layers = engine.loaded.arch.num_layers
+        self.kv_computations = torch.zeros(len(requests), dtype=torch.long, device=engine.device)
         stops = sorted(set(() if p.ignore_eos else self.spec.stop_ids) | set(p.stop_token_ids))
         self.stop_ids = torch.tensor(stops, dtype=torch.long, device=engine.device)
+        self.cache.attach(self.canvas, self.stop_ids)
         self.start_time = time.perf_counter()
 
     def events(self) -> Iterator[StreamEvent]:
@@ -129,13 +137,14 @@ class _Run:
     def _step(self, start: int, end: int, step: int) -> None:
         block = self.canvas.tokens[:, start:end]
         masked = block == self.spec.mask_id
-        logits, first_only = self._forward(start, end, step)
-        x0, commit = self.strategy.step(logits, masked, [r.generator for r in self.rows], first_only)
+        logits, plan = self._forward(start, end, step)
+        choosable = masked if plan.commit_mask is None else masked & plan.commit_mask
+        x0, commit = self.strategy.step(logits, choosable, [r.generator for r in self.rows], plan.first_only)
         self.canvas.tokens[:, start:end] = torch.where(commit, x0, block)
         for row in self.rows:
             row.nfe += 1
 
-    def _forward(self, start: int, end: int, step: int) -> tuple[torch.Tensor, bool]:
+    def _forward(self, start: int, end: int, step: int):
         """Logits [B, end - start, V] for the block, through the cache policy (and CFG when enabled)."""
         c = self.canvas
         tokens, positions, mask = c.tokens, c.positions, c.attn_mask
@@ -145,19 +154,27 @@ class _Run:
             tokens, positions = torch.cat([tokens, uncond]), torch.cat([positions, positions])
             mask = _doubled(c.attn_mask)
         plan = self.cache.plan(start, end, step, mask)
-        # Shifted logits (Dream): position i is read from hidden state i - 1. When the plan does not feed
-        # i - 1 for the block's first position, that position reads its own logits, as Fast-dLLM's cached
-        # Dream path does (the position is committed at the block start, so the value is never used).
-        shift = int(self.spec.shift_logits)
-        lo = max(start - shift, plan.start)
-        logits = self.engine.model(tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end], plan,
-                                   logits_range=(lo - plan.start, end - shift - plan.start))
-        if lo > start - shift:
-            logits = torch.cat([logits[:, :1], logits], dim=1)
+        if plan.index is not None:  # the policy names the fed columns per row and where each block logit comes from
+            logits = self.engine.model(tokens.gather(1, plan.index), positions.gather(1, plan.index), plan,
+                                       logits_index=plan.logits_index)
+            fed = plan.index.shape[1]
+        else:
+            # Shifted logits (Dream): position i is read from hidden state i - 1. When the plan does not feed
+            # i - 1 for the block's first position, that position reads its own logits, as Fast-dLLM's cached
+            # Dream path does (the position is committed at the block start, so the value is never used).
+            shift = int(self.spec.shift_logits)
+            lo = max(start - shift, plan.start)
+            logits = self.engine.model(tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end], plan,
+                                       logits_range=(lo - plan.start, end - shift - plan.start))
+            if lo > start - shift:
+                logits = torch.cat([logits[:, :1], logits], dim=1)
+            fed = plan.end - plan.start
+        done = plan.kv_computations if plan.kv_computations is not None else fed * self.num_layers
+        self.kv_computations += done[:len(self.rows)] if torch.is_tensor(done) else done
         if self.cfg:
             cond, uncond = logits.chunk(2)
             logits = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
-        return logits, plan.first_only
+        return logits, plan
 
     def _emit(self, block: int, first_mask: list[int], first_stop: list[int], final: bool = False):
         """Yield newly final text per row; finish rows whose stop token is final or whose region is full."""
@@ -192,7 +209,10 @@ class _Run:
 
     def _output(self, row: _Row, text: str, reason: str) -> RequestOutput:
         latency = time.perf_counter() - self.start_time
-        metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency)
+        kv = int(self.kv_computations[self.rows.index(row)])
+        full = row.nfe * self.canvas.length * self.num_layers
+        metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency,
+                                 kv_computations=kv, kv_fraction=kv / full if full else 0.0)
         r = row.request
         return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
                              [CompletionOutput(0, text, list(row.token_ids), reason)], metrics)
@@ -203,6 +223,7 @@ class _Run:
         if not keep:
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
+        self.kv_computations = self.kv_computations[idx]
         self.canvas.select_rows(idx)
         self.strategy.select_rows(idx)
         self.cache.select_rows(torch.cat([idx, idx + batch]) if self.cfg else idx)

@@ -9,11 +9,16 @@ from dataclasses import dataclass, field
 class RequestMetrics:
     """Counts for one request. `num_tokens` counts generated tokens up to and including the first stop token
     (no prompt, no padding); `tokens_per_second` = num_tokens / latency_s; `nfe` counts model forwards while
-    the row was in the batch (a CFG forward counts once); `tokens_per_forward` = num_tokens / nfe."""
+    the row was in the batch (a CFG forward counts once); `tokens_per_forward` = num_tokens / nfe;
+    `kv_computations` counts the token x layer key/value computations the row's forwards actually made (what a
+    KV cache saves, independent of hardware), `kv_fraction` = that / (nfe x canvas length x layers), the
+    uncached count (1.0 without a cache)."""
 
     nfe: int
     num_tokens: int
     latency_s: float
+    kv_computations: int = 0
+    kv_fraction: float = 0.0
     tokens_per_forward: float = 0.0
     tokens_per_second: float = 0.0
 

@@ -83,11 +83,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rotary.rotate(q.transpose(1, 2), *rope)  # [B, H, L, D]
         k = rotary.rotate(k.transpose(1, 2), *rope)  # [B, Hkv, L, D]
-        mask = None
-        if plan is not None:
+        if plan is None:
+            out = attend(q, k, v, None)
+        elif hasattr(plan, "attention"):     # a plan that inspects or reshapes attention (e.g. Elastic-Cache)
+            out = plan.attention(layer, q, k, v)
+        else:
             k, v = plan.kv(layer, k, v)
-            mask = plan.attn_mask
-        out = attend(q, k, v, mask)  # [B, H, L, D]
+            out = attend(q, k, v, plan.attn_mask)  # [B, H, L, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -130,12 +132,26 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan | None = None,
-                logits_range: tuple[int, int] | None = None) -> torch.Tensor:
-        """input_ids, positions [B, L] -> logits [B, L', V] (L' = the length of `logits_range`, default L)."""
+                logits_range: tuple[int, int] | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [B, L] -> logits [B, L', V] for the fed positions in `logits_range` (a slice) or
+        `logits_index` ([B, L'] indices into the fed positions), default all L.
+
+        A plan with `layer_input(layer, x, positions)` may change, before each layer, which hidden states go
+        through it (e.g. Elastic-Cache switching from a window to every position); it returns (x, positions)
+        and the rotary angles follow the positions."""
         x = self.embed(input_ids)
         rope = self.rotary.angles(positions)
+        layer_input = getattr(plan, "layer_input", None)
         for i, layer in enumerate(self.layers):
+            if layer_input is not None:
+                x, new_positions = layer_input(i, x, positions)
+                if new_positions is not positions:
+                    positions, rope = new_positions, self.rotary.angles(new_positions)
             x = layer(x, self.rotary, rope, plan, i)
+        if layer_input is not None:
+            x, _ = layer_input(len(self.layers), x, positions)
         if logits_range is not None:
             x = x[:, logits_range[0]:logits_range[1]]
+        if logits_index is not None:
+            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
         return self.lm_head(self.norm(x))
