@@ -3,11 +3,12 @@ from cache.base import CachePolicy, ForwardPlan, IndexedPlan, KVBuffers
 from cache.block import BlockCache
 from cache.dkv import DKVCache
 from cache.dual import DualCache
+from cache.freecache import FreeCache
 from cache.none import NoCache
 from cache.prefix import PrefixCache
 from dllm.errors import InvalidParameterError
 
-CACHES = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache, BlockCache, DKVCache)}
+CACHES = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache, BlockCache, DKVCache, FreeCache)}
 
 
 def cache_class(name: str) -> type[CachePolicy]:
