@@ -3,6 +3,7 @@ own sampler). See `base.py` for the interface every strategy implements."""
 from decoding.base import Strategy
 from decoding.dream import DreamReference
 from decoding.factor import FactorStrategy
+from decoding.guided import GuidedStrategy
 from decoding.llada import LLaDAReference
 from decoding.sdar import SDARReference
 from decoding.threshold import ThresholdStrategy
@@ -12,6 +13,7 @@ STRATEGIES = {
     "reference": {"llada": LLaDAReference, "dream": DreamReference, "sdar": SDARReference},
     "threshold": ThresholdStrategy,
     "factor": FactorStrategy,
+    "guided": GuidedStrategy,
 }
 
 

@@ -48,12 +48,31 @@ class Strategy:
     steps_mode: str | None = None               # "total" | "per_block" | None: how SamplingParams.steps is read
     remasking: tuple[str, ...] = ()             # accepted SamplingParams.remasking values
     confidence_dtype: torch.dtype | None = torch.float64  # LLaDA proposal only (Fast-dLLM: float64)
+    engine_options: dict = {}                   # engine-level settings (`LLM(..., strategy_options={...})`)
 
     def __init__(self, params: SamplingParams, spec: ModelSpec):
         self.params, self.spec = params, spec
         self.propose = PROPOSALS[spec.family]
         self.step_index = 0
         self._ids: TokenIds | None = None
+        # Set by the engine: the shared state from `prepare`, the run's canvas (read-only; the state before the
+        # current step's commit) and the first column of the current block.
+        self.state: dict = {}
+        self.canvas = None
+        self.block_start = 0
+
+    @classmethod
+    def resolve_engine_options(cls, options: dict) -> dict:
+        unknown = sorted(set(options) - set(cls.engine_options))
+        if unknown:
+            known = ", ".join(cls.engine_options) or "none"
+            raise InvalidParameterError(f"strategy '{cls.name}' has no option {unknown[0]!r}; its options: {known}")
+        return {**cls.engine_options, **options}
+
+    @classmethod
+    def prepare(cls, options: dict, loaded) -> dict:
+        """Engine-level state shared by every run (e.g. a guide model), from `strategy_options`."""
+        return cls.resolve_engine_options(options)
 
     @classmethod
     def validate(cls, params: SamplingParams, spec: ModelSpec) -> None:

@@ -35,7 +35,7 @@ class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, cache: str = "none", strategy: str = "reference", dtype: str = "auto",
                  device: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
                  max_batch_size: int = 32, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
-                 seed: int = 0, cache_options: dict | None = None):
+                 seed: int = 0, cache_options: dict | None = None, strategy_options: dict | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise InvalidParameterError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         cache_class(cache).resolve_options(dict(cache_options or {}))  # bad names fail before the (long) load
@@ -43,7 +43,8 @@ class LLM:
         self.loaded = load_model(model, dtype=dtype, device=device, revision=revision,
                                  trust_remote_code=trust_remote_code, load_format=load_format,
                                  skip_tokenizer_init=skip_tokenizer_init, seed=seed)
-        self.engine = Engine(self.loaded, cache=cache, strategy=strategy, cache_options=cache_options)
+        self.engine = Engine(self.loaded, cache=cache, strategy=strategy, cache_options=cache_options,
+                             strategy_options=strategy_options)
         self.max_batch_size = max_batch_size
         self._ids = itertools.count()
 

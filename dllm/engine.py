@@ -54,12 +54,14 @@ class _Row:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, cache: str = "none", strategy: str = "reference",
-                 cache_options: dict | None = None):
+                 cache_options: dict | None = None, strategy_options: dict | None = None):
         self.loaded, self.cache_name, self.strategy_name = loaded, cache, strategy
         self.model, self.spec, self.tokenizer = loaded.model, loaded.spec, loaded.tokenizer
         cache_class(cache).check(self.spec)  # refuse unknown or unsuitable choices now, not at the first request
         self.cache_options = cache_class(cache).resolve_options(dict(cache_options or {}))
         self.strategy_cls = strategy_class(strategy, self.spec.family)
+        self.strategy_options = dict(strategy_options or {})
+        self.strategy_state = self.strategy_cls.prepare(self.strategy_options, loaded)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
 
@@ -104,6 +106,7 @@ class _Run:
                              engine.device)
         self.rows = [_Row(r, _generator(r.params.seed, engine.device)) for r in requests]
         self.strategy = engine.strategy_cls(p, self.spec)
+        self.strategy.state, self.strategy.canvas = engine.strategy_state, self.canvas
         self.cache = make_cache(engine.cache_name, engine.cache_options)
         self.cfg = p.cfg_scale > 0
         batch = len(requests) * (2 if self.cfg else 1)
@@ -119,6 +122,7 @@ class _Run:
         canvas = self.canvas
         for b in range(canvas.num_blocks):
             start, end = canvas.block(b)
+            self.strategy.block_start = start
             self.strategy.begin_block(canvas.tokens[:, start:end] == self.spec.mask_id)
             limit = self.strategy.max_forwards(canvas.block_length)
             for step in range(limit + 1):
