@@ -16,3 +16,7 @@ class UnsupportedModelError(DllmError):
 
 class InvalidParameterError(DllmError):
     """A sampling, cache, strategy or device option has a value that cannot work."""
+
+
+class DatasetUnavailableError(DllmError):
+    """An evaluation data set can be loaded neither from a given file nor through an installed package."""

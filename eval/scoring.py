@@ -1,9 +1,14 @@
 """GSM8K-style final-answer extraction and comparison.
 
-Two extractors, as in lm-evaluation-harness's gsm8k task: `extract_strict` reads the number after the last
-`####` (the format the worked solutions end with), `extract_flexible` reads the last number anywhere in the
-text. Both return the number normalised by `normalize_number` (no thousands commas, no `$`, no trailing `.`)
-or None when there is none. `is_correct(pred, gold)` compares two such strings as numbers.
+Two extractors, after lm-evaluation-harness's gsm8k task (`lm_eval/tasks/gsm8k/gsm8k.yaml`): `extract_strict`
+reads the number after the last `####` (the format the worked solutions end with), `extract_flexible` is
+lm-eval's "flexible-extract" filter: the last match of `(-?[$0-9.,]{2,})|(-?[0-9]+)`. Both return the match
+normalised by `normalize_number` (no thousands commas, no `$`, no trailing `.`) or None when there is none.
+`is_correct(pred, gold)` compares two such strings as numbers.
+
+Where this differs from lm-eval's "strict-match" (`#### (\\-?[0-9\\.\\,]+)`, first match, then string equality
+after dropping `,`, `$` and one trailing `.`): the last `####` counts, not the first; `$` and spaces may
+follow `####`; and `12.0` equals `12`.
 
 This module knows nothing about tasks, models or tokenizers: text in, strings and booleans out.
 """
@@ -14,8 +19,8 @@ from decimal import Decimal, InvalidOperation
 
 # Right after `####`: optional spaces and `$`, then a number that may carry commas and a decimal point.
 _AFTER_MARK = re.compile(r"\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
-# Any number: an optional sign glued to it, `$`, digits with thousands commas, an optional fraction.
-_ANY_NUMBER = re.compile(r"-?\$?[0-9][0-9,]*(?:\.[0-9]+)?")
+# lm-eval's flexible-extract pattern: a run of two or more of `$0-9.,`, or a single (signed) digit string.
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 
 def normalize_number(text: str) -> str:
@@ -33,9 +38,10 @@ def extract_strict(text: str) -> str | None:
 
 
 def extract_flexible(text: str) -> str | None:
-    """The normalised last number anywhere in `text`, or None when `text` has no digit."""
-    matches = _ANY_NUMBER.findall(text)
-    return normalize_number(matches[-1]) if matches else None
+    """The normalised last match of lm-eval's flexible-extract pattern in `text` (group_select -1), or None
+    when nothing matches. Like lm-eval, a run such as `...` counts as a match (and then names no number)."""
+    matches = _FLEXIBLE.findall(text)
+    return normalize_number(next(g for g in matches[-1] if g)) if matches else None
 
 
 def _as_decimal(text: str) -> Decimal | None:

@@ -7,8 +7,9 @@ values come from an independent oracle, `canonical_solution`) and the function's
 `variant`, `consts`). The functions come from `code_families.FAMILIES`, each family equally often; the split
 key is the variant and its constants, so a test function is not in train under another name either.
 
-`check` runs `prompt + completion + test + check(entry_point)` with `execution.run_program`, as HumanEval's
-harness does; it does not truncate the completion (stop sequences are the harness's business).
+`check` runs `prompt + completion + test + check(entry_point)` in the sandbox (`execution.run_program`,
+which uses `eval/sandbox.py`), as HumanEval's harness does; it does not truncate the completion (stop
+sequences are the harness's business).
 """
 from __future__ import annotations
 

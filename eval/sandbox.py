@@ -1,0 +1,208 @@
+"""Running untrusted, model-generated Python: one sandboxed process per program.
+
+`run_sandboxed(program, limits)` writes `program` to `program.py` in a fresh temporary directory (deleted
+afterwards) and runs it there through `sandbox_prelude.py` (`python -I -B`: no user site, no `PYTHON*`
+variables, no bytecode files). It returns a `SandboxResult` whose status is
+
+- "passed": the program ran to its end (the prelude printed the run's secret nonce after it) and exited 0;
+- "failed": an exception, a failed assert, a non-zero exit, or an early exit (`sys.exit(0)`, `os._exit(0)`)
+  before the end. Python turns two of the limits into exceptions, so they are "failed" too: the memory
+  limit raises `MemoryError`, the file-size limit `OSError` (EFBIG; Python ignores SIGXFSZ);
+- "timeout": still running after `limits.timeout_s` of wall-clock time; its whole process group was killed;
+- "killed": ended by a signal (the CPU limit: SIGXCPU, then SIGKILL; the kernel's OOM killer; a crash; the
+  program signalling itself). A program that exits with a status above 128 is reported as "killed" too.
+
+`run_many(programs, limits, workers)` runs a list of programs on a thread pool, each in its own process.
+
+Layers, from the outside in:
+1. Process: a new session and process group (killed as a whole at the timeout and after every run), an
+   environment of PATH, LANG and PYTHONHASHSEED only (no inherited variables or secrets), stdin at EOF,
+   stdout and stderr in files of which only the tail is read, a fresh working directory.
+2. Namespaces, when `unshare --user --net --pid --fork` works here (probed once: as root, or where the
+   kernel allows unprivileged user namespaces; containers often filter it): no network at all (an empty
+   network namespace), no capabilities outside the namespace, and a pid namespace, so host processes
+   cannot be signalled and every process of the sandbox dies with it. `isolation()` says whether this
+   layer is active.
+3. The supervisor (see `sandbox_prelude.py`): the program's parent process is a trusted process inside
+   the sandbox, so `os.kill(os.getppid(), ...)` could at worst reach the supervisor (in a pid namespace,
+   pid 1, which the kernel protects), never the harness; the audit hook refuses it before that.
+4. Resource limits set in the program's process before any of its code runs: RLIMIT_AS (memory),
+   RLIMIT_CPU (`cpu_s`, default the timeout + 1 s), RLIMIT_FSIZE (also bounds stdout/stderr),
+   RLIMIT_NPROC and RLIMIT_CORE = 0. They are set by the prelude rather than in a `preexec_fn`, because
+   `preexec_fn` is not safe in a process with threads and the runner calls us from a thread pool.
+   The kernel does not apply RLIMIT_NPROC to root (uid 0), and it counts every process of the user, not
+   just the sandbox's; the audit hook below is what stops a fork bomb in every case.
+5. An audit hook in the program's process (`sandbox_prelude.make_guard`): no writes outside the working
+   directory, no sockets, no process creation, no loading libraries through ctypes, no raising limits,
+   no signals to other processes, no reading other processes' /proc entries.
+
+Platform: Linux (other systems are not supported); waiting uses a pidfd (Linux >= 5.3), else polling.
+Not guaranteed: reading files the user can read (outside /proc/<pid>) is allowed; a program that gets
+around the audit hook (CPython does not treat audit hooks as a security boundary) is held only by layers
+1-4, and without namespaces (layer 2) such a program could reach the network or the harness's processes.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from dllm.errors import InvalidParameterError
+
+STDERR_TAIL_CHARS = 2000
+_PRELUDE = Path(__file__).with_name("sandbox_prelude.py")
+_ENV = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+_NAMESPACE_FLAGS = ("--user", "--net", "--pid", "--fork", "--kill-child")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Per-program limits: wall-clock seconds; address space and file size in MiB; RLIMIT_NPROC, which the
+    kernel counts over every process and thread of the user (of the sandbox's user namespace when
+    namespaces are on) and does not apply to root, so without namespaces a user who already runs more
+    than `max_processes` tasks leaves programs unable to start a thread; CPU seconds, by default the
+    timeout plus one second."""
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+    file_size_mb: int = 16
+    max_processes: int = 64
+    cpu_s: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "memory_mb", "file_size_mb", "max_processes"):
+            if not getattr(self, name) > 0:
+                raise InvalidParameterError(f"sandbox {name} must be positive, got {getattr(self, name)}")
+        if self.cpu_s is not None and self.cpu_s < 1:
+            raise InvalidParameterError(f"sandbox cpu_s must be at least 1 (or None), got {self.cpu_s}")
+
+    def for_prelude(self) -> dict[str, int]:
+        cpu_s = self.cpu_s if self.cpu_s is not None else int(self.timeout_s) + 1
+        return {"memory_bytes": self.memory_mb << 20, "cpu_s": cpu_s, "file_size_bytes": self.file_size_mb << 20,
+                "max_processes": self.max_processes}
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """How one program ended; see the module docstring for the four statuses."""
+    status: str
+    returncode: int | None      # the program's exit status, negative for a signal; None after a timeout
+    seconds: float
+    stderr_tail: str            # the last STDERR_TAIL_CHARS characters of stderr
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@functools.cache
+def _namespace_prefix() -> tuple[str, ...]:
+    """The `unshare` command line that puts a process in fresh user, network and pid namespaces, or ()
+    when this machine does not allow it (no `unshare`, not Linux, user namespaces disabled or filtered)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return ()
+    prefix = (unshare, *_NAMESPACE_FLAGS)
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-I", "-c", "pass"], env=_ENV, stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return prefix if probe.returncode == 0 else ()
+
+
+def isolation() -> str:
+    """"namespaces" when programs run in their own user, network and pid namespaces, else "process"."""
+    return "namespaces" if _namespace_prefix() else "process"
+
+
+def _tail(f, num_bytes: int) -> bytes:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - num_bytes))
+    return f.read()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):     # the group is already gone
+        pass
+
+
+def _exits_within(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for `proc` to exit. A pidfd (Linux >= 5.3) wakes us the moment it does;
+    elsewhere `Popen.wait` polls, with sleeps of up to 50 ms."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(timeout_s * 1000))
+    finally:
+        os.close(pidfd)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for `proc`; at the timeout kill its process group. Also kills what it left behind in the group.
+    True when it timed out."""
+    timed_out = not _exits_within(proc, timeout_s)
+    _kill_group(proc.pid)
+    proc.wait()
+    return timed_out
+
+
+def _status(returncode: int, completed: bool) -> tuple[str, int]:
+    """(status, returncode with signals negative) from the supervisor's exit status (128 + N for signal N)."""
+    if returncode < 0 or returncode > 128:
+        return "killed", returncode if returncode < 0 else 128 - returncode
+    return ("passed" if returncode == 0 and completed else "failed"), returncode
+
+
+def run_sandboxed(program: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """Run `program` in a sandbox under `limits`; see the module docstring. Thread-safe."""
+    nonce = secrets.token_hex(16)
+    config = json.dumps({"nonce": nonce, "limits": limits.for_prelude()}) + "\n"
+    command = [*_namespace_prefix(), sys.executable, "-I", "-B", str(_PRELUDE)]
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="dllm-sandbox-", ignore_cleanup_errors=True) as workdir, \
+            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        Path(workdir, "program.py").write_text(program, encoding="utf-8")
+        proc = subprocess.Popen(command, cwd=workdir, env=_ENV, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                start_new_session=True)
+        try:
+            proc.stdin.write(config.encode())
+            proc.stdin.close()
+        except BrokenPipeError:         # it died before reading its configuration; the exit status says why
+            pass
+        timed_out = _wait(proc, limits.timeout_s)
+        seconds = time.monotonic() - start
+        completed = _tail(out, 64).endswith(f"\n{nonce}\n".encode())
+        stderr_tail = _tail(err, 4 * STDERR_TAIL_CHARS).decode("utf-8", "replace")[-STDERR_TAIL_CHARS:]
+    if timed_out:
+        return SandboxResult("timeout", None, seconds, stderr_tail)
+    status, returncode = _status(proc.returncode, completed)
+    return SandboxResult(status, returncode, seconds, stderr_tail)
+
+
+def run_many(programs: list[str], limits: SandboxLimits = SandboxLimits(),
+             workers: int | None = None) -> list[SandboxResult]:
+    """`run_sandboxed` for each program, `workers` at a time (default: one per CPU); results in input order."""
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda p: run_sandboxed(p, limits), programs))
