@@ -1,5 +1,6 @@
-"""The `dllm` command: `dllm generate` (one-shot, prompts from arguments, a file or stdin) and `dllm chat`
-(interactive; text streams as blocks become final). Every decoding and cache option of the API is exposed.
+"""The `dllm` command: `dllm generate` (one-shot, prompts from arguments, a file or stdin), `dllm chat`
+(interactive; text streams as blocks become final), `dllm serve`, `dllm eval` and `dllm bench` (the evaluation
+harness in `eval/`). Every decoding and cache option of the API is exposed.
 User errors print one line, `error: ...`, and exit with status 2."""
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ MODEL_HELP = ("checkpoint directory in the Hugging Face layout, a bundled zoo mo
               f"tiny-sdar) or a hub id such as GSAI-ML/LLaDA-8B-Instruct. Default: {DEFAULT_MODEL}")
 
 
-def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
+def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
+                    batch_flags: tuple[str, ...] = ("--max-batch-size",)) -> None:
     g = p.add_argument_group("model and engine")
     if model_positional:
         g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
@@ -36,17 +38,23 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False) 
                    help="KV cache: none = recompute everything each step (exact); prefix = Fast-dLLM prefix cache "
                         "(prompt and finished blocks reused, refreshed at each block start); dual = Fast-dLLM dual "
                         "cache (also reuses the masked suffix after the block); block = exact block cache of "
-                        "block-causal models (SDAR). Default: none")
+                        "block-causal models (SDAR); dkv = dKV-Cache; elastic = Elastic-Cache; freecache = FreeCache "
+                        "(see README: KV caches). Default: none")
+    g.add_argument("--cache-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the cache, repeatable (e.g. refresh_interval=4 for dkv, gamma=0.9 for elastic)")
     g.add_argument("--strategy", default="reference", metavar="{" + ",".join(STRATEGIES) + "}",
                    help="which masked positions a step commits: reference = the model family's own sampler "
                         "(LLaDA generate, Dream diffusion_generate, SDAR block_diffusion_generate); threshold = "
                         "Fast-dLLM, every position with confidence >= --threshold; factor = Fast-dLLM factor rule "
-                        "(--factor). Default: reference")
+                        "(--factor); guided = FreeCache's guided diffusion (needs --strategy-option guide=MODEL). "
+                        "Default: reference")
+    g.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine-level option of the strategy, repeatable (e.g. guide=tiny-ar mode=speculative)")
     g.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when MODEL is a hub id")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own tokenizer code to run")
-    g.add_argument("--max-batch-size", type=int, default=32, help="most prompts decoded together in one batch")
+    g.add_argument(*batch_flags, dest="max_batch_size", type=int, default=32, metavar="N", help="most prompts decoded together in one batch")
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -105,7 +113,40 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
     from dllm.server.cli import add_serve_parser  # argparse only: FastAPI is imported when `serve` runs
     add_serve_parser(sub)
+    evaluate = sub.add_parser("eval", help="evaluate a model on a task (resumable; writes records, summary, report)")
+    _eval_options(evaluate)
+    bench = sub.add_parser("bench", help="evaluate every setting of a grid; table, speed-ups and Pareto plot")
+    _eval_options(bench)
+    bench.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                       help="axes to sweep, e.g. strategies=reference,threshold caches=none,dual thresholds=0.7,0.9 "
+                            "block-lengths=8,32; NAME is strategy, cache, batch-size or a decoding option (singular or "
+                            "plural, - or _). A decoding option only reaches the strategies that read it; combinations "
+                            "the runtime refuses are skipped and listed. The baseline row is reference/none")
     return parser
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `dllm eval` and `dllm bench`: the engine and decoding options of `generate`, plus the task."""
+    g = p.add_argument_group("task")
+    g.add_argument("--task", "-t", required=True, help="gsm8k, humaneval, arith, gsm-lite or code-lite")
+    g.add_argument("--limit", type=int, default=None, help="evaluate the first N docs only (a later, larger limit extends the run)")
+    g.add_argument("--data-file", default=None, help="the task's data (JSONL) instead of its default location")
+    g.add_argument("--num-fewshot", type=int, default=None, help="gsm8k: worked examples in the prompt (default 5)")
+    g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another option of the task (e.g. cot_zeroshot=true, timeout_s=10); VALUE is read as JSON when it parses")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt as chat messages through the checkpoint's chat template (default: the task's choice)")
+    g.add_argument("--num-samples", type=int, default=1,
+                   help="samples per doc, for pass@k (needs --temperature > 0); sample j of a doc has a fixed seed from --seed")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", "-o", default=None,
+                   help="run directory (default runs/eval/ or runs/bench/ + model, task and a hash of the setting); "
+                        "re-running the same command there resumes")
+    o.add_argument("--overwrite", action="store_true", help="replace a run of another setting in --output")
+    o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    o.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up request before the timed batches")
+    _engine_options(p, batch_flags=("--batch-size", "--max-batch-size"))
+    _sampling_options(p)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -118,10 +159,26 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         skip_special_tokens=not args.keep_special_tokens)
 
 
+def key_values(items: list[str], flag: str) -> dict:
+    """["k=v", ...] from a repeatable CLI flag -> {k: v}, values read as JSON when they parse (numbers, booleans)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DllmError(f"{flag} {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def build_llm(args: argparse.Namespace):
     from dllm.api import LLM
     return LLM(args.model, cache=args.cache, strategy=args.strategy, dtype=args.dtype, device=args.device,
-               revision=args.revision, trust_remote_code=args.trust_remote_code, max_batch_size=args.max_batch_size)
+               revision=args.revision, trust_remote_code=args.trust_remote_code, max_batch_size=args.max_batch_size,
+               cache_options=key_values(args.cache_option, "--cache-option"),
+               strategy_options=key_values(args.strategy_option, "--strategy-option"))
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -199,6 +256,43 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"[{m.num_tokens} tokens, {m.nfe} forwards, {m.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
 
 
+def eval_config(args: argparse.Namespace):
+    from eval.runner import EvalConfig, sampling_dict
+    options = {"data_file": args.data_file, "num_fewshot": args.num_fewshot}
+    options = {k: v for k, v in options.items() if v is not None}
+    options.update(key_values(args.task_option, "--task-option"))
+    return EvalConfig(task=args.task, model=args.model, task_options=options, chat=args.chat,
+                      num_samples=args.num_samples, batch_size=args.max_batch_size, cache=args.cache,
+                      strategy=args.strategy, sampling=sampling_dict(sampling_params(args)), seed=args.seed or 0,
+                      device=args.device, dtype=args.dtype, revision=args.revision,
+                      trust_remote_code=args.trust_remote_code,
+                      cache_options=key_values(args.cache_option, "--cache-option"),
+                      strategy_options=key_values(args.strategy_option, "--strategy-option"))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from eval import report, runner
+    config = eval_config(args)
+    summary = runner.run(config, args.output or runner.default_output_dir(config), limit=args.limit,
+                         overwrite=args.overwrite, progress=not args.no_progress, warmup=not args.no_warmup)
+    print(report.metrics_table(summary))
+    print(json.dumps({"output_dir": summary.output_dir, "primary_metric": summary.primary_metric,
+                      "metrics": summary.metrics}))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from eval import bench, report
+    config = eval_config(args)
+    axes = bench.parse_grid(args.grid)
+    result = bench.bench(config, axes, args.output, limit=args.limit, overwrite=args.overwrite,
+                         progress=not args.no_progress, warmup=not args.no_warmup)
+    print(report.bench_markdown(result.rows, result.refused, result.primary_metric), end="")
+    print(json.dumps({"output_dir": result.output_dir, "primary_metric": result.primary_metric,
+                      "rows": [{"setting": r["setting"], result.primary_metric: r["metrics"].get(result.primary_metric),
+                                "throughput": r["metrics"]["throughput"], "speedup": r["speedup"]} for r in result.rows],
+                      "refused": result.refused}))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from dllm.server.cli import run_serve
     run_serve(args)
@@ -208,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
+        {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval,
+         "bench": cmd_bench}[args.command](args)
     except DllmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

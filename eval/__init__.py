@@ -1,2 +1,5 @@
-"""Evaluation harness (tasks, scoring, metrics, reports). Built out by the evaluation work; the package is
-part of the distribution from the start so that its import path is stable."""
+"""Evaluation harness: tasks and scoring (`tasks/`, `harness_tasks.py`, `gsm8k.py`, `humaneval.py`,
+`scoring.py`, `sandbox.py`), the runner behind `dllm eval` (`runner.py`: resumable run directories), metric
+definitions (`metrics.py`), reports and plots (`report.py`), grid sweeps behind `dllm bench` (`bench.py`) and the
+lm-evaluation-harness model "dllm" (`lm_eval_model.py`). Submodules are imported on use: `eval.tasks` must stay
+importable without the model stack."""

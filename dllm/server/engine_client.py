@@ -122,11 +122,17 @@ class EngineClient:
         return self._task is not None and not self._task.done() and not self._closing
 
     def engine(self, cache: str | None = None, strategy: str | None = None) -> Engine:
-        """The engine for a cache and strategy (the server's own when None); all share the loaded model."""
+        """The engine for a cache and strategy (the server's own when None); all share the loaded model. The
+        server's cache and strategy options apply when a request picks the server's own cache or strategy."""
         default = self.llm.engine
         key = (cache or default.cache_name, strategy or default.strategy_name)
+        if key == (default.cache_name, default.strategy_name):
+            return default
         if key not in self._engines:
-            self._engines[key] = Engine(self.llm.loaded, cache=key[0], strategy=key[1])
+            self._engines[key] = Engine(
+                self.llm.loaded, cache=key[0], strategy=key[1],
+                cache_options=default.cache_options if key[0] == default.cache_name else None,
+                strategy_options=default.strategy_options if key[1] == default.strategy_name else None)
         return self._engines[key]
 
     async def start(self) -> None:

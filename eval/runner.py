@@ -1,0 +1,353 @@
+"""The evaluation runner: one setting (model, task, cache, strategy, sampling options) over a task's docs, through
+the public `LLM` API, into an output directory that makes the run resumable.
+
+    summary = evaluate("arith", model="tiny-llada", limit=16, strategy="threshold",
+                       sampling=SamplingParams(max_tokens=128, threshold=0.9), output_dir="runs/arith")
+    print(summary.metrics["accuracy"], summary.metrics["throughput"])
+
+The output directory holds `config.json` (the setting), `samples.jsonl` (one record per generated sample, written
+as soon as its batch is scored), `summary.json` and `report.md` (recomputed over every record at the end of each
+call). Calling again with the same setting skips the (doc_id, sample) pairs already recorded and appends the
+rest; a half-written last line (a kill mid-write) is dropped. Another setting in the same directory is refused
+unless `overwrite=True`. `limit` is not part of the setting: a larger limit extends a run, and the summary covers
+the docs the call selects. The runner knows tasks only through the `EvalTask` interface (`harness_tasks.py`) and
+the model only through `LLM.generate` / `LLM.chat`; metric definitions live in `metrics.py`, rendering in
+`report.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dllm.errors import DllmError
+from dllm.sampling_params import SamplingParams
+from dllm.zoo import DEFAULT_MODEL
+from eval import metrics, report
+
+SCORING_THREADS = 8
+
+
+class EvalError(DllmError):
+    """A bad evaluation input: unknown task, missing data file, impossible sampling setting."""
+
+
+@dataclass
+class EvalConfig:
+    """The setting of a run: everything that changes its outputs or its speed. Saved as `config.json`; a run
+    directory only ever holds records of one setting."""
+
+    task: str
+    model: str = DEFAULT_MODEL
+    task_options: dict = field(default_factory=dict)   # get_eval_task options: data_file, num_fewshot, ...
+    chat: bool | None = None                           # None: the task's default
+    num_samples: int = 1                               # samples per doc (pass@k); > 1 needs temperature > 0
+    batch_size: int = 32                               # samples per engine batch
+    cache: str = "none"
+    strategy: str = "reference"
+    cache_options: dict = field(default_factory=dict)      # LLM(cache_options=...)
+    strategy_options: dict = field(default_factory=dict)   # LLM(strategy_options=...), e.g. a guide model
+    sampling: dict = field(default_factory=dict)       # SamplingParams fields other than their defaults, no seed
+    seed: int = 0                                      # sample j of doc d is decoded with sample_seed(seed, d, j)
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, SamplingParams):
+            self.sampling = sampling_dict(self.sampling) if self.sampling.seed is None else {"seed": self.sampling.seed}
+        if "seed" in self.sampling:
+            raise EvalError("give the run's seed as seed=N, not in the sampling options: every sample gets its own "
+                            "seed derived from it")
+        unknown = sorted(set(self.sampling) - set(SamplingParams.__dataclass_fields__))
+        if unknown:
+            raise EvalError(f"unknown sampling option {unknown[0]!r}; use SamplingParams fields")
+        for name, low in (("num_samples", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise EvalError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.params()  # SamplingParams validates its fields now, not at the first batch
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(**self.sampling)
+
+    def setting(self) -> dict:
+        """JSON-normal form (what `config.json` holds and what resuming compares)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+
+@dataclass
+class Summary:
+    """What a run measured: its setting, where and with what it ran, and the metrics (see `metrics.py`)."""
+
+    setting: dict
+    environment: dict
+    metrics: dict
+    primary_metric: str
+    limit: int | None
+    output_dir: str
+    definitions: dict = field(default_factory=lambda: dict(metrics.DEFINITIONS))
+
+    @property
+    def primary(self) -> float | None:
+        return self.metrics.get(self.primary_metric)
+
+
+def sampling_dict(params: SamplingParams) -> dict:
+    """The fields of `params` that differ from SamplingParams' defaults, without the seed (the runner seeds
+    every sample itself)."""
+    defaults = dataclasses.asdict(SamplingParams())
+    return {k: v for k, v in dataclasses.asdict(params).items() if k != "seed" and v != defaults[k]}
+
+
+def sample_seed(seed: int, doc_id: str, sample: int) -> int:
+    """The seed of one sample: a function of the run seed, the doc and the sample index only, so a resumed or
+    re-batched run decodes every sample exactly as before."""
+    return (seed * 1_000_003 + zlib.crc32(f"{doc_id}#{sample}".encode())) % 2 ** 31
+
+
+def truncate(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` cut before the first occurrence of any stop string, and whether it was cut."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def default_output_dir(config: EvalConfig) -> Path:
+    """runs/eval/<model>-<task>-<hash of the setting>: the same command resumes, another setting gets its own."""
+    digest = hashlib.sha1(json.dumps(config.setting(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path("runs") / "eval" / f"{Path(config.model).name}-{config.task}-{digest}"
+
+
+def load_task(config: EvalConfig):
+    """The task, its data read (before any model loads). The task layer raises DllmErrors for unknown names,
+    options and missing data; a bad option value it did not foresee becomes one line too."""
+    from eval.harness_tasks import get_eval_task
+    try:
+        return get_eval_task(config.task, **config.task_options)
+    except DllmError:
+        raise
+    except (ValueError, TypeError, OSError) as exc:
+        raise EvalError(f"task {config.task!r} with options {config.task_options}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+
+
+def build_llm(config: EvalConfig):
+    from dllm.api import LLM
+    return LLM(config.model, cache=config.cache, strategy=config.strategy, dtype=config.dtype,
+               device=config.device, revision=config.revision, trust_remote_code=config.trust_remote_code,
+               max_batch_size=config.batch_size, cache_options=config.cache_options,
+               strategy_options=config.strategy_options)
+
+
+def evaluate(task: str, model: str = DEFAULT_MODEL, *, output_dir: str | Path | None = None, limit: int | None = None,
+             overwrite: bool = False, progress: bool = True, warmup: bool = True, **setting) -> Summary:
+    """Evaluate `model` on `task`; `setting` holds the other `EvalConfig` fields (`sampling` may be a
+    SamplingParams). The output directory defaults to `default_output_dir`."""
+    config = EvalConfig(task=task, model=str(model), **setting)
+    return run(config, output_dir or default_output_dir(config), limit=limit, overwrite=overwrite,
+               progress=progress, warmup=warmup)
+
+
+def run(config: EvalConfig, output_dir: str | Path, *, limit: int | None = None, overwrite: bool = False,
+        progress: bool = True, warmup: bool = True, label: str = "eval",
+        llm_factory: Callable[[EvalConfig], object] = build_llm) -> Summary:
+    """Run (or resume) `config` into `output_dir`; see the module docstring. `label` names the progress bar;
+    `llm_factory` builds the LLM (only when something is left to decode)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise EvalError(f"limit must be a positive integer, got {limit!r}")
+    start = time.perf_counter()
+    task = load_task(config)
+    config = dataclasses.replace(config, chat=task.default_chat if config.chat is None else config.chat)
+    store = RunStore(Path(output_dir), config.setting(), overwrite=overwrite)
+    units = [(doc, j) for doc in task.docs(limit=limit) for j in range(config.num_samples)]
+    pending = [(doc, j) for doc, j in units if (doc.doc_id, j) not in store.done]
+    environment = store.previous_environment()
+    if pending:
+        session = _Session(config, task, store, llm_factory(config), start)
+        environment = session.run(pending, total=len(units), progress=progress, warmup=warmup, label=label)
+    selected = {(doc.doc_id, j) for doc, j in units}
+    records = [r for r in store.records if (r["doc_id"], r["sample"]) in selected]
+    task_metrics = task.aggregate(records) if records else {}
+    summary = Summary(config.setting(), environment, metrics.summarize(records, task_metrics),
+                      task.primary_metric, limit, str(output_dir))
+    report.write_run(summary, Path(output_dir))
+    return summary
+
+
+class RunStore:
+    """A run directory: `config.json` (the setting, written once) and `samples.jsonl` (records, appended a batch
+    at a time with one write, flushed and synced). Every record line ends with a newline, so a kill mid-write
+    leaves whole lines and at most one unterminated tail, which is dropped when the directory is reopened."""
+
+    OUTPUTS = ("config.json", "samples.jsonl", "summary.json", "report.md")
+
+    def __init__(self, path: Path, setting: dict, overwrite: bool = False):
+        self.path, self.samples = path, path / "samples.jsonl"
+        path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in self.OUTPUTS:
+                (path / name).unlink(missing_ok=True)
+        self._claim(setting)
+        self.records = self._read()
+        self.done = {(r["doc_id"], r["sample"]) for r in self.records}
+        self._prompts = {r["prompt_sha1"] for r in self.records if "prompt" in r}
+        self._num_correct = sum(bool(r["correct"]) for r in self.records)
+
+    def _claim(self, setting: dict) -> None:
+        config = self.path / "config.json"
+        if not config.is_file():
+            config.write_text(json.dumps(setting, indent=1, sort_keys=True) + "\n")
+            return
+        try:
+            saved = json.loads(config.read_text())
+        except json.JSONDecodeError:
+            raise EvalError(f"{config} is not valid JSON; delete the directory or pass --overwrite") from None
+        if saved != setting:
+            raise EvalError(f"{self.path} holds a run with another setting ({_differences(saved, setting)}); "
+                            "choose another --output directory or pass --overwrite to replace it")
+
+    def _read(self) -> list[dict]:
+        if not self.samples.is_file():
+            return []
+        data = self.samples.read_bytes()
+        complete, newline, tail = data.rpartition(b"\n")
+        if tail:  # an unterminated last line: the write of a batch was cut short
+            with open(self.samples, "r+b") as f:
+                f.truncate(len(complete) + len(newline))
+        records = []
+        for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise EvalError(f"{self.samples} line {number} is not valid JSON; delete that line or pass --overwrite") from None
+        return records
+
+    def append(self, records: list[dict]) -> None:
+        with open(self.samples, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        self.records += records
+        self.done |= {(r["doc_id"], r["sample"]) for r in records}
+        self._num_correct += sum(bool(r["correct"]) for r in records)
+
+    def prompt_fields(self, prompt: str) -> dict:
+        """`prompt_sha1`, plus the prompt text the first time this directory's records see it."""
+        digest = hashlib.sha1(prompt.encode()).hexdigest()[:16]
+        if digest in self._prompts:
+            return {"prompt_sha1": digest}
+        self._prompts.add(digest)
+        return {"prompt_sha1": digest, "prompt": prompt}
+
+    def accuracy(self) -> float:
+        return self._num_correct / len(self.records) if self.records else 0.0
+
+    def previous_environment(self) -> dict:
+        summary = self.path / "summary.json"
+        try:
+            return json.loads(summary.read_text()).get("environment", {}) if summary.is_file() else {}
+        except json.JSONDecodeError:
+            return {}
+
+
+def _differences(saved: dict, new: dict, prefix: str = "") -> str:
+    keys = sorted(set(saved) | set(new))
+    parts = []
+    for k in keys:
+        a, b = saved.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{k}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{k} {a!r} there, {b!r} now")
+    return "; ".join(parts)
+
+
+class _Session:
+    """One call's generation: batches of pending samples through the LLM, each batch scored and appended."""
+
+    def __init__(self, config: EvalConfig, task, store: RunStore, llm, start: float):
+        self.config, self.task, self.store, self.llm = config, task, store, llm
+        self.id, self.start, self.num_batches = uuid.uuid4().hex[:8], start, 0
+        self.params = config.params()
+        temperature = self.params.temperature
+        if temperature is None:
+            temperature = llm.spec.defaults.get("temperature") or 0.0
+        if config.num_samples > 1 and temperature == 0:
+            raise EvalError(f"num_samples {config.num_samples} needs temperature > 0 (at temperature 0 every sample "
+                            "is the same); pass --temperature, e.g. 0.8")
+        self.stops = list(task.stop_sequences(config.chat))
+        self.device = llm.engine.device
+        self.tokens, self.seconds = 0, 0.0
+        if self.device.type == "cuda":
+            import torch
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def run(self, pending: list, total: int, progress: bool, warmup: bool, label: str) -> dict:
+        bar = report.Progress(total=total, done=total - len(pending), enabled=progress, desc=label)
+        if warmup:  # the first batch would otherwise pay for lazy initialisation (kernels, allocator)
+            self._generate(pending[:1])
+        for i in range(0, len(pending), self.config.batch_size):
+            batch = pending[i:i + self.config.batch_size]
+            outputs, seconds = self._generate(batch)
+            self.store.append(self._records(batch, outputs, seconds))
+            self.tokens, self.seconds = self.tokens + sum(o.metrics.num_tokens for o in outputs), self.seconds + seconds
+            bar.update(len(batch), accuracy=self.store.accuracy(), tokens_per_second=self.tokens / self.seconds)
+        bar.close()
+        return self.environment()
+
+    def _generate(self, batch: list) -> tuple[list, float]:
+        prompts = [self.task.prompt(doc, self.config.chat) for doc, _ in batch]
+        params = [dataclasses.replace(self.params, seed=sample_seed(self.config.seed, doc.doc_id, j)) for doc, j in batch]
+        generate = self.llm.chat if isinstance(prompts[0], list) else self.llm.generate
+        start = time.perf_counter()
+        outputs = generate(prompts, params)
+        return outputs, time.perf_counter() - start
+
+    def _records(self, batch: list, outputs: list, seconds: float) -> list[dict]:
+        cut = [truncate(o.text, self.stops) for o in outputs]
+        with ThreadPoolExecutor(max_workers=min(SCORING_THREADS, len(batch))) as pool:
+            scores = list(pool.map(self.task.score, [doc for doc, _ in batch], [text for text, _ in cut]))
+        batch_id, self.num_batches = f"{self.id}/{self.num_batches}", self.num_batches + 1
+        memory = self._peak_memory()
+        records = []
+        for (doc, j), out, (text, stopped), score in zip(batch, outputs, cut, scores):
+            m = out.metrics
+            records.append({
+                "doc_id": doc.doc_id, "sample": j, **self.store.prompt_fields(out.prompt or ""),
+                "generation": text, "cut_at_stop_string": stopped, **score, "correct": bool(score["correct"]),
+                "tokens": m.num_tokens, "nfe": m.nfe, "seconds": m.latency_s, "finish_reason": out.finish_reason,
+                "seed": sample_seed(self.config.seed, doc.doc_id, j), "batch": batch_id, "batch_seconds": seconds,
+                "session": self.id, "session_seconds": time.perf_counter() - self.start,
+                "peak_memory_bytes": memory, "time": time.time()})
+        return records
+
+    def _peak_memory(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        import torch
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def environment(self) -> dict:
+        import torch
+
+        import dllm
+        engine = self.llm.engine
+        gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
+        return {"device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."), "gpu": gpu,
+                "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "dllm": dllm.__version__,
+                "python": platform.python_version(), "platform": platform.platform(),
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "session": self.id}
