@@ -3,12 +3,13 @@ from cache.base import CachePolicy, ForwardPlan, IndexedPlan, KVBuffers
 from cache.block import BlockCache
 from cache.dkv import DKVCache
 from cache.dual import DualCache
+from cache.elastic import ElasticCache
 from cache.freecache import FreeCache
 from cache.none import NoCache
 from cache.prefix import PrefixCache
 from dllm.errors import InvalidParameterError
 
-CACHES = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache, BlockCache, DKVCache, FreeCache)}
+CACHES = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache, BlockCache, DKVCache, ElasticCache, FreeCache)}
 
 
 def cache_class(name: str) -> type[CachePolicy]:

@@ -2,7 +2,7 @@
 
 Re-implemented from the authors' published algorithm, never from the runtime packages (dllm, decoding, cache),
 so the runtime's dKV policy can be checked against it token for token at temperature 0 and schedule for
-schedule. The rule for each variant, with file:line references, is in /work/notes/dkv.md. In short:
+schedule. The rule for each variant, with file:line references, is in docs/notes/dkv.md. In short:
 
 - `dkv_llada_decode_generate`: `generation_utils/llada_dkv_cache_decode.py::generate` with
   `models/modeling_llada_dkv_cache_decode.py` (dKV-Cache-Decode, LLaDA). Per block, block-local step i:

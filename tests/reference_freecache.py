@@ -1,7 +1,7 @@
 """Independent reference oracle for FlashDLM: FreeCache (Dream and LLaDA) and Guided Diffusion.
 
 Written only from the published code (ZhanqiuHu/flash-dlm-experimental @ 387beab) and the reference notes,
-never from the runtime packages (dllm, decoding, cache). Algorithm note: /work/notes/freecache.md. Mirrors:
+never from the runtime packages (dllm, decoding, cache). Algorithm note: docs/notes/freecache.md. Mirrors:
 
 - `freecache_dream_generate`: `DreamGenerationMixin._sample_block_diffusion` of
   `src/model/dream_flash/generation_utils.py` (the only block path `_sample` calls) with the `BlockCache`

@@ -2,7 +2,7 @@
 
 - the subset forward equals the plain forward when the cached K/V are fresh;
 - with the cache off (or refreshed every step) each variant equals the uncached oracle token for token;
-- the logged schedules equal the hand-computed ones of /work/notes/dkv.md §6 (prompt 5, gen 8, block 4,
+- the logged schedules equal the hand-computed ones of docs/notes/dkv.md §6 (prompt 5, gen 8, block 4,
   steps 8), written here from the rule, independently of the oracle's own bookkeeping.
 (The oracle was also run against the authors' code at 49a76fc on the same weights; see the note, §8.)
 """

@@ -1,7 +1,7 @@
 """Self-checks of the FlashDLM oracle (`reference_freecache.py`): FreeCache for Dream / LLaDA and Guided Diffusion.
 
 - with the cache off (a full forward every step) the FreeCache samplers equal the existing uncached oracles;
-- the logged forward / freeze schedule equals the hand-computed one of /work/notes/freecache.md §6;
+- the logged forward / freeze schedule equals the hand-computed one of docs/notes/freecache.md §6;
 - guided decoding at temperature 0: a guide that always agrees commits every MASK in one diffusion step, a guide
   that never agrees commits exactly one token per step (the diffusion draft in 'assisted' mode, the AR's own
   token in 'speculative' mode), a guide agreeing on k drafts commits k ('assisted', at least 1) or k + 1.
