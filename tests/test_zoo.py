@@ -32,6 +32,23 @@ def test_zoo_model_reaches_its_bar(name):
         assert r.accuracy >= BARS[r.task], f"{name} {r.task}: {r.accuracy:.2f} < {BARS[r.task]}"
 
 
+def test_tiny_ar_reaches_its_bar_through_transformers():
+    """tiny-ar greedy through `AutoModelForCausalLM.generate`, with the zoo tokenizer read as written."""
+    from dllm.zoo.evaluate import evaluate_ar
+    for r in evaluate_ar("tiny-ar", num_problems=CI_PROBLEMS, device="cpu"):
+        assert r.accuracy >= BARS[r.task], f"tiny-ar {r.task}: {r.accuracy:.2f} < {BARS[r.task]}"
+
+
+def test_tiny_ar_tokenizer_is_the_zoo_tokenizer():
+    """tiny-ar shares token ids and splitting with the diffusion models when loaded with `load_tokenizer`
+    (AutoTokenizer would build Qwen2Tokenizer for model_type qwen2 and split text differently)."""
+    from dllm.zoo.tokenizer import load_tokenizer
+    text = "What is 37 + 751?\n7 + 1 + 0 = 8, carry 0: 8\ndef f(x_1):\n    return x_1 * 2"
+    ids = load_tokenizer(MODELS_DIR / "tiny-ar").encode(text)
+    assert ids == load_tokenizer(MODELS_DIR / "tiny-llada").encode(text)
+    assert ids == LLM("tiny-llada").tokenizer.encode(text, add_special_tokens=False)
+
+
 def test_zoo_layouts_and_sizes():
     families = {"tiny-llada": "llada", "tiny-dream": "Dream", "tiny-sdar": "sdar", "tiny-ar": "qwen2"}
     total = 0

@@ -127,11 +127,11 @@ def _lr(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def train(cfg: TrainConfig) -> pathlib.Path:
-    from transformers import AutoTokenizer
+    from dllm.zoo.tokenizer import load_tokenizer
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     ids = special_ids(tokenizer)
     vocab = -(-len(tokenizer) // 64) * 64
     arch = arch_for(cfg, vocab)

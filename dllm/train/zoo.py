@@ -65,7 +65,7 @@ def train_zoo(out: str, steps: int, batch_size: int = 128, num_problems: int = 2
         if not eval_only:
             train(TrainConfig(family=family, out=str(path), init_from=init, **common))
         if family == "ar":
-            write_ar_card(path)
+            write_ar_card(path, num_problems)
         else:
             summary[family] = write_card(path, family, num_problems)
     return summary
@@ -106,16 +106,25 @@ def _stages(record: dict) -> str:
     return "\n".join(lines)
 
 
-def write_ar_card(path: pathlib.Path) -> None:
+def write_ar_card(path: pathlib.Path, num_problems: int = 200) -> None:
+    from dllm.zoo.evaluate import evaluate_ar, table
     record = json.loads((path / "training.json").read_text())
     cfg = record["config"]
+    results = evaluate_ar(str(path), num_problems=num_problems)
+    (path / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=1) + "\n")
     (path / "README.md").write_text(
         f"# {path.name}\n\nA small causal LM in the Qwen2 layout (`model_type` qwen2), loadable with "
         "`transformers.AutoModelForCausalLM`; trained by dllm on the zoo tasks as the autoregressive baseline "
         "and the starting point of tiny-dream.\n\n"
+        "Load its tokenizer with `transformers.PreTrainedTokenizerFast.from_pretrained(path)` (or "
+        "`dllm.zoo.tokenizer.load_tokenizer`), not `AutoTokenizer`: for `model_type` qwen2, AutoTokenizer builds "
+        "`Qwen2Tokenizer`, which keeps this vocabulary but swaps in Qwen2's pre-tokenizer, so text is split "
+        "differently from training and accuracy collapses. Token ids are shared with the zoo's diffusion models.\n\n"
         f"- {record['parameters']:,} parameters; {cfg['steps']} steps at batch {cfg['batch_size']}; "
         f"{record['train_seconds']} s on {record['hardware']} (torch {record['torch']}); seed {cfg['seed']}\n"
-        "- loss curve: `loss.png`; full record: `training.json`\n")
+        "- loss curve: `loss.png`; full record: `training.json`\n\n"
+        f"## Accuracy (held-out test split, {num_problems} problems a task, greedy `generate` with transformers)\n\n"
+        f"{table(results)}\n")
 
 
 def main(args) -> None:

@@ -70,6 +70,43 @@ def evaluate(path: str, tasks=("arith", "gsm-lite", "code-lite"), settings=SETTI
     return results
 
 
+def evaluate_ar(path: str, tasks=("arith", "gsm-lite", "code-lite"), num_problems: int = 200, device: str = "auto",
+                batch_size: int = 256) -> list[TaskResult]:
+    """Greedy accuracy of a causal LM (tiny-ar) through `transformers.AutoModelForCausalLM.generate`, the
+    autoregressive baseline of the diffusion models (one token per forward by construction)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from dllm.zoo.tokenizer import load_tokenizer
+    from dllm.zoo import bundled_path
+    from eval.tasks import get_task
+    from eval.tasks.chat import to_messages
+    path = str(bundled_path(path) or path)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    tok = load_tokenizer(path)  # not AutoTokenizer: see dllm/zoo/tokenizer.py
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if dev == "cpu" else torch.bfloat16).to(dev)
+    model.eval()
+    results = []
+    for task_name in tasks:
+        task = get_task(task_name)
+        problems = task.generate("test", num_problems)
+        prompts = [tok.apply_chat_template(to_messages(p), tokenize=False, add_generation_prompt=True) for p in problems]
+        start, texts, tokens = time.perf_counter(), [], 0
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=MAX_TOKENS[task_name], do_sample=False)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                stop = [j for j, t in enumerate(row) if t in model.generation_config.eos_token_id]
+                row = row[:stop[0] + 1] if stop else row
+                tokens += len(row)
+                texts.append(tok.decode(row, skip_special_tokens=True))
+        seconds = time.perf_counter() - start
+        correct = sum(task.check(p, t) for p, t in zip(problems, texts))
+        results.append(TaskResult(task_name, "greedy", correct / len(problems), len(problems), 1.0, round(seconds, 1)))
+    return results
+
+
 def table(results: list[TaskResult]) -> str:
     lines = ["| task | setting | accuracy | problems | tokens per forward | seconds |", "|---|---|---|---|---|---|"]
     for r in results:

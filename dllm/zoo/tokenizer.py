@@ -8,7 +8,11 @@ Contract:
 - byte-level, no normaliser, no cleanup of spaces on decode: `decode(encode(text)) == text` for any text;
 - `save_tokenizer` writes tokenizer.json, tokenizer_config.json (with the ChatML chat template) and
   special_tokens_map.json, loadable by `transformers.AutoTokenizer.from_pretrained(path)` without
-  `trust_remote_code`.
+  `trust_remote_code` from the tokenizer directory and from the diffusion models' directories;
+- from a directory whose config.json says `model_type: qwen2` (tiny-ar), AutoTokenizer builds transformers'
+  `Qwen2Tokenizer`, which keeps the vocabulary but replaces the pre-tokenizer with Qwen2's own, so it splits
+  text differently from training: load it with `load_tokenizer(path)` (`PreTrainedTokenizerFast`), which
+  reads tokenizer.json as written.
 
 This module knows nothing about models; `tokenizer_corpus` reads the task generators of `eval.tasks`.
 """
@@ -67,6 +71,11 @@ def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, mask_token=MASK,
         additional_special_tokens=[IM_START, IM_END], chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False)
+
+
+def load_tokenizer(path: str | pathlib.Path) -> PreTrainedTokenizerFast:
+    """The zoo tokenizer saved in `path`, exactly as tokenizer.json describes it (see the module docstring)."""
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def save_tokenizer(tok: PreTrainedTokenizerFast, path: str | pathlib.Path) -> None:
