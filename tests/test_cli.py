@@ -40,6 +40,22 @@ def test_generate_matches_the_api(tiny_llada):
     assert json.loads(r.stdout)["token_ids"] == want.token_ids
 
 
+@pytest.mark.parametrize("cache,options", [("dkv", ["refresh_interval=4"]), ("elastic", ["window_length=4", "gamma=0.5"]),
+                                           ("freecache", [])])
+def test_paper_caches_take_their_options(tiny_llada, cache, options):
+    """One token a step (the reference sampler), so every cache has steps to reuse keys in."""
+    from dllm import LLM, SamplingParams
+    parsed = {k: float(v) if "." in v else int(v) for k, v in (o.split("=") for o in options)}
+    want = LLM(str(tiny_llada), cache=cache, cache_options=parsed).generate(
+        ["hello"], SamplingParams(max_tokens=16, block_length=8, steps=16, temperature=0))[0]
+    flags = [x for o in options for x in ("--cache-option", o)]
+    r = dllm("generate", "--model", str(tiny_llada), "--no-chat", "-p", "hello", "--max-tokens", "16",
+             "--block-length", "8", "--steps", "16", "--temperature", "0", "--cache", cache, *flags, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["token_ids"] == want.token_ids and out["metrics"]["kv_fraction"] < 1
+
+
 def test_chat_session(tiny_llada):
     r = dllm("chat", "--model", str(tiny_llada), "--max-tokens", "8", "--block-length", "4", stdin="hello\n/reset\nagain\n/exit\n")
     assert r.returncode == 0, r.stderr
@@ -54,6 +70,10 @@ def test_chat_session(tiny_llada):
     (["--strategy", "greedy"], "unknown strategy 'greedy'"),
     (["--max-tokens", "many"], "invalid int value"),
     (["--threshold", "0.9"], "threshold does not apply to strategy 'reference'"),
+    (["--cache", "dkv", "--cache-option", "window=2"], "cache 'dkv' has no option 'window'"),
+    (["--cache", "elastic", "--cache-option", "gamma=high"], "cache option gamma='high' must be a float"),
+    (["--cache", "dkv", "--cache-option", "refresh_interval"], "--cache-option 'refresh_interval' is not KEY=VALUE"),
+    (["--strategy", "guided"], "strategy 'guided' needs a guide model"),
 ])
 def test_bad_options_are_one_line(tiny_llada, args, message):
     r = dllm("generate", "--model", str(tiny_llada), "-p", "hello there", *args)
