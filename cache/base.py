@@ -129,6 +129,10 @@ class CachePolicy:
                                             f"(default {default!r})") from None
         return resolved
 
+    def row_stats(self, row: int) -> dict:
+        """Policy-specific per-request statistics for row `row` of the current batch (RequestMetrics.cache_stats)."""
+        return {}
+
     def attach(self, canvas, stop_ids: torch.Tensor | None = None) -> None:
         """The engine's canvas of this run (read-only for the policy) and the run's stop token ids."""
         self.canvas, self.stop_ids = canvas, stop_ids

@@ -42,7 +42,7 @@ Accounting: `kv_computations` per row per forward = (fed slots, a Dream column f
 before the switch) + (the row's columns N) x (layers from the switch on); the first forward counts N x L; an
 idle row 0. The authors' "fraction of layers recomputed" F = Σ (L − s) / (L · nfe) over the row's forwards
 (s = start_reset; the first forward counted as L + 1, their accounting) is kept per row in `layers_recomputed`
-/ `forwards` and in the `trace` records (RequestMetrics has no field for it). For one unpadded row the
+/ `forwards` and in the `trace` records, and reaches `RequestMetrics.cache_stats["layers_recomputed_fraction"]`. For one unpadded row the
 engine's kv_fraction = kv_computations / (nfe · N · L) = F − 1 / (L · nfe) + Σ fed · s / (N · L · nfe).
 
 Deviations from the authors' code: the attention weights (drift test, statistic, fed-space attention) are
@@ -117,6 +117,12 @@ class ElasticCache(CachePolicy):
         self.steps = [0] * batch                                                       # per-row forwards (host)
         self.row_ids = list(range(batch))
         self.started = False
+
+    def row_stats(self, row: int) -> dict:
+        """The authors' "fraction of layers recomputed" for this request: sum over its forwards of the layers
+        recomputed on every position, over layers x forwards (their accounting: the first forward counts L + 1)."""
+        forwards = int(self.forwards[row])
+        return {"layers_recomputed_fraction": int(self.layers_recomputed[row]) / (self.L * forwards) if forwards else 0.0}
 
     def select_rows(self, keep: torch.Tensor) -> None:
         for name in ("X", "Q", "K", "V"):

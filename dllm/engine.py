@@ -213,10 +213,12 @@ class _Run:
 
     def _output(self, row: _Row, text: str, reason: str) -> RequestOutput:
         latency = time.perf_counter() - self.start_time
-        kv = int(self.kv_computations[self.rows.index(row)])
+        index = self.rows.index(row)
+        kv = int(self.kv_computations[index])
         full = row.nfe * self.canvas.length * self.num_layers
         metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency,
-                                 kv_computations=kv, kv_fraction=kv / full if full else 0.0)
+                                 kv_computations=kv, kv_fraction=kv / full if full else 0.0,
+                                 cache_stats=self.cache.row_stats(index))
         r = row.request
         return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
                              [CompletionOutput(0, text, list(row.token_ids), reason)], metrics)

@@ -12,13 +12,15 @@ class RequestMetrics:
     the row was in the batch (a CFG forward counts once); `tokens_per_forward` = num_tokens / nfe;
     `kv_computations` counts the token x layer key/value computations the row's forwards actually made (what a
     KV cache saves, independent of hardware), `kv_fraction` = that / (nfe x canvas length x layers), the
-    uncached count (1.0 without a cache)."""
+    uncached count (1.0 without a cache); `cache_stats` holds what a policy reports beyond that (Elastic-Cache:
+    `layers_recomputed_fraction`, the fraction of layers its paper reports)."""
 
     nfe: int
     num_tokens: int
     latency_s: float
     kv_computations: int = 0
     kv_fraction: float = 0.0
+    cache_stats: dict = field(default_factory=dict)   # the cache policy's own per-request statistics
     tokens_per_forward: float = 0.0
     tokens_per_second: float = 0.0
 

@@ -147,6 +147,7 @@ def test_parity_with_the_authors_algorithm(models, family, P, gen, window, gamma
     _compare_schedule(trace, log, P + gen, L)
     assert out.metrics.kv_computations == sum(_kv(log, P + gen, L))
     assert out.metrics.kv_fraction == pytest.approx(sum(_kv(log, P + gen, L)) / (nfe * (P + gen) * L))
+    assert out.metrics.cache_stats["layers_recomputed_fraction"] == pytest.approx(log["fraction"])
 
 
 @pytest.mark.parametrize("family,offset,window", [("llada", 5, 4), ("dream", 4, 6), ("llada", 9, 16)])
