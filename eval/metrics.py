@@ -32,6 +32,8 @@ DEFINITIONS = {
     "throughput": "total tokens / generation seconds (sum over batches of the engine call's wall time)",
     "nfe": "mean model forwards per request while it was in its batch",
     "tokens_per_forward": "total tokens / total NFE",
+    "kv_fraction": "mean over requests of the token x layer K/V computations made / those of the same forwards "
+                   "without a cache (1.0 without a cache)",
     "latency_p50_s, latency_p95_s": "per-request latency from its batch's start to its final output; "
                                     "percentiles by linear interpolation between closest ranks",
     "wall_seconds": "sum over sessions of the time from the call's start (data and model loading included) to its "
@@ -83,6 +85,7 @@ def speed_metrics(records: list[dict]) -> dict:
         "nfe": _mean([r["nfe"] for r in records]),
         "tokens": _mean([r["tokens"] for r in records]),
         "tokens_per_forward": tokens / nfe if nfe else None,
+        "kv_fraction": _mean([r["kv_fraction"] for r in records if r.get("kv_fraction") is not None]),
         "latency_p50_s": percentile(latencies, 50),
         "latency_p95_s": percentile(latencies, 95),
         "total_tokens": tokens,
