@@ -133,9 +133,10 @@ class CachePolicy:
         """Policy-specific per-request statistics for row `row` of the current batch (RequestMetrics.cache_stats)."""
         return {}
 
-    def attach(self, canvas, stop_ids: torch.Tensor | None = None) -> None:
-        """The engine's canvas of this run (read-only for the policy) and the run's stop token ids."""
-        self.canvas, self.stop_ids = canvas, stop_ids
+    def attach(self, canvas, stop_ids: torch.Tensor | None = None, params=None) -> None:
+        """The engine's canvas of this run (read-only for the policy), the run's stop token ids and its resolved
+        SamplingParams."""
+        self.canvas, self.stop_ids, self.params = canvas, stop_ids, params
 
     @classmethod
     def check(cls, spec: ModelSpec) -> None:

@@ -16,10 +16,17 @@ where they were written by the last forward that fed them. Variants (`variant=`)
   the prompt's K/V from step 0, never refreshed.
 - `pd`: prefill + decode: refresh steps feed the generation region only, the prompt's K/V stay from step 0.
 
-Defaults follow the paper: `refresh_interval` 8 for LLaDA and 4 for Dream (the authors' code defaults disable the
-cache). Not built: dKV-Cache-Greedy, which needs the positions the sampler will commit at the next step (it fixes
-a random order per block in advance); our strategies decide those only from the next forward's logits.
-Full-attention models only (SDAR keeps its exact `block` cache).
+- `greedy` (LLaDA only, as in the authors' code; the reference sampler with `remasking="random"`): the unmasking
+  order of each block is drawn once at its start (`torch.rand` over the canvas from the row's own generator,
+  seeded by `seed`; the authors draw one [B, L] tensor, which equals this for one row), so the positions of the
+  next step are known in advance. Step i % N == 0 is full; any other
+  step feeds only the positions committed at the previous step (their one-step delay), those to be committed now,
+  and `window_size` nearby MASKs (alternating left and right of each, possibly in later blocks); every other
+  position, the other MASKs included, keeps stale K/V. The policy makes the sampler commit exactly the drawn
+  positions (`commit_mask`), as the authors' loop commits `order[acc[i]:acc[i + 1]]`.
+
+Defaults follow the paper: `refresh_interval` 8 for LLaDA and 4 for Dream with `decode`, 2 with `greedy` (the
+authors' code defaults disable the cache). Full-attention models only (SDAR keeps its exact `block` cache).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 from cache.base import CachePolicy, ForwardPlan, IndexedPlan
 from dllm.errors import InvalidParameterError
 
-VARIANTS = ("decode", "prefill", "pd")
+VARIANTS = ("decode", "prefill", "pd", "greedy")
 DEFAULT_REFRESH = {"llada": 8, "dream": 4}
 
 
@@ -37,7 +44,8 @@ class DKVCache(CachePolicy):
     attentions = ("full",)
     supports_cfg = False
     scratch_column = True
-    options = {"variant": "decode", "refresh_interval": 0}   # 0 = the paper's value for the model family
+    options = {"variant": "decode", "refresh_interval": 0,   # 0 = the paper's value for the family and variant
+               "window_size": 0, "seed": 0}                 # greedy only
 
     def allocate(self, batch, length, arch, spec, dtype, device) -> None:
         variant, interval = self.opts["variant"], self.opts["refresh_interval"]
@@ -45,9 +53,15 @@ class DKVCache(CachePolicy):
             raise InvalidParameterError(f"dkv variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if interval < 0:
             raise InvalidParameterError(f"dkv refresh_interval must be >= 1 (or 0 for the default), got {interval}")
+        if variant == "greedy" and spec.family != "llada":
+            raise InvalidParameterError("dkv variant 'greedy' exists for LLaDA models only; use variant 'decode'")
         super().allocate(batch, length, arch, spec, dtype, device)
         self.variant = variant
-        self.interval = interval or DEFAULT_REFRESH.get(spec.family, 8)
+        self.interval = interval or (2 if variant == "greedy" else DEFAULT_REFRESH.get(spec.family, 8))
+        # greedy: one generator per row, so a row draws the same orders in a batch as alone (given the same canvas
+        # width; with left padding to a longer prompt the draw covers more columns and differs)
+        self.generators = [torch.Generator(device=device).manual_seed(self.opts["seed"]) for _ in range(batch)]
+        self.order = self.acc = self.quota = self.next_fed = None   # greedy: the current block's plan
         self.mask_id = spec.mask_id
         self.per_block = not spec.shift_logits   # LLaDA counts steps per block, Dream over the run
         self.calls = 0
@@ -60,8 +74,16 @@ class DKVCache(CachePolicy):
             self.previous = self.previous[keep]
         if self.initial is not None:
             self.initial = self.initial[keep]
+        if self.variant == "greedy" and self.order is not None:
+            self.order, self.acc, self.quota = self.order[keep], self.acc[keep], self.quota[keep]
+            rows = keep.tolist()
+            self.next_fed = [self.next_fed[r] for r in rows] if self.next_fed is not None else None
+        if self.variant == "greedy":
+            self.generators = [self.generators[r] for r in keep.tolist()]
 
     def plan(self, start, end, step, mask) -> ForwardPlan:
+        if self.variant == "greedy":
+            return self._greedy(start, end, step, mask)
         masked = self.canvas.tokens == self.mask_id                        # [B, L], before this step's forward
         if self.initial is None:
             self.initial = masked
@@ -90,6 +112,52 @@ class DKVCache(CachePolicy):
             fed[:, :self.canvas.gen_start - 1] = False
         return fed
 
+    def _greedy(self, start: int, end: int, step: int, mask) -> ForwardPlan:
+        masked = self.canvas.tokens == self.mask_id
+        b, steps = masked.shape[0], self._steps_per_block()
+        if step == 0:                      # the block's unmasking order and per-step quotas, fixed in advance
+            self.quota = _quota(masked[:, start:end].sum(1), steps)                          # [B, steps]
+            if self.interval > 1 and bool((self.quota == 0).any()):
+                raise InvalidParameterError("dkv variant 'greedy' needs at least one token a step: use at most "
+                                            "as many steps per block as the block has positions")
+            self.acc = torch.cat([torch.zeros_like(self.quota[:, :1]), self.quota.cumsum(1)], 1)
+            score = torch.cat([torch.rand((1, self.length), generator=g, device=masked.device) for g in self.generators])
+            score[:, :start] = -torch.inf
+            score[:, end:] = -torch.inf
+            self.order = score.sort(dim=1, descending=True).indices
+            self.next_fed = None
+        acc, order = self.acc.tolist(), self.order.tolist()
+        now = [order[r][acc[r][step]:acc[r][step + 1]] for r in range(b)]
+        commit = torch.zeros(b, end - start, dtype=torch.bool, device=masked.device)
+        for r, cols in enumerate(now):
+            commit[r, [c - start for c in cols]] = True
+        if step % self.interval == 0:
+            plan = self.full(mask)
+        else:
+            fed = torch.zeros_like(masked)
+            for r, cols in enumerate(self.next_fed):
+                fed[r, cols] = True
+            plan = self._cached_step(fed, start, end, mask)
+        plan.commit_mask = commit
+        # what the next step feeds: this step's commits, the next step's, and a window of MASKs around the latter
+        # (MASKs as before this step's commit, as the authors' loop has them)
+        if step + 1 < steps:
+            mask_rows = masked.tolist()
+            self.next_fed = []
+            for r in range(b):
+                upcoming = order[r][acc[r][step + 1]:acc[r][step + 2]]
+                marked = set(now[r]) | set(upcoming)
+                _window(marked, upcoming, mask_rows[r], self.opts["window_size"])
+                self.next_fed.append(sorted(marked))
+        return plan
+
+    def _steps_per_block(self) -> int:
+        steps = getattr(self.params, "steps", None)
+        if steps is None or getattr(self.params, "remasking", None) != "random":
+            raise InvalidParameterError("dkv variant 'greedy' fixes a random unmasking order per block, as the "
+                                        "authors' code: use the reference strategy with remasking='random'")
+        return steps // self.canvas.num_blocks
+
     def _cached_step(self, fed: torch.Tensor, start: int, end: int, mask) -> IndexedPlan:
         counts = fed.sum(1)
         n = int(counts.max())
@@ -106,3 +174,32 @@ class DKVCache(CachePolicy):
         keys = torch.ones(b, 1, 1, self.length, dtype=torch.bool, device=fed.device) if keys is None else keys
         keys = torch.cat([keys, torch.zeros_like(keys[..., :1])], dim=-1)     # the scratch column is never seen
         return IndexedPlan(index, None if all_valid else valid, slot_of[:, cols], self.buffers, keys)
+
+
+def _quota(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's `get_num_transfer_tokens`: n // steps a step, the first n % steps steps one more. [B] -> [B, steps]."""
+    base = (masked_count // steps)[:, None].expand(-1, steps).clone()
+    extra = torch.arange(steps, device=masked_count.device)[None, :] < (masked_count % steps)[:, None]
+    return base + extra.long()
+
+
+def _window(marked: set, upcoming: list[int], masked_row: list[bool], size: int) -> None:
+    """Add to `marked` up to `size` MASK positions around each upcoming position, alternating left and right one
+    step at a time (the authors' `find_window_tokens`, including its stop test `right > n`)."""
+    n = len(masked_row)
+    for pos in upcoming:
+        left, right, found, left_turn = pos - 1, pos + 1, 0, True
+        while found < size:
+            if left_turn:
+                if left >= 0 and left not in marked and masked_row[left]:
+                    marked.add(left)
+                    found += 1
+                left -= 1
+            else:
+                if right < n and right not in marked and masked_row[right]:
+                    marked.add(right)
+                    found += 1
+                right += 1
+            left_turn = not left_turn
+            if left < 0 and right > n:
+                break

@@ -115,7 +115,7 @@ class _Run:
         self.kv_computations = torch.zeros(len(requests), dtype=torch.long, device=engine.device)
         stops = sorted(set(() if p.ignore_eos else self.spec.stop_ids) | set(p.stop_token_ids))
         self.stop_ids = torch.tensor(stops, dtype=torch.long, device=engine.device)
-        self.cache.attach(self.canvas, self.stop_ids)
+        self.cache.attach(self.canvas, self.stop_ids, p)
         self.start_time = time.perf_counter()
 
     def events(self) -> Iterator[StreamEvent]:

@@ -154,3 +154,48 @@ def test_bad_options_and_models_are_refused(llada, tiny_sdar):
         llm(path).generate(["hi"], SamplingParams(max_tokens=8, block_length=8, cfg_scale=1.0))
     with pytest.raises(InvalidParameterError, match="full attention"):
         LLM(str(tiny_sdar), cache="dkv", device="cpu")
+
+
+@pytest.mark.parametrize("plen,gen,block,steps,n,window", [(5, 8, 4, 8, 2, 2), (5, 8, 4, 8, 2, 0), (7, 32, 8, 32, 2, 4),
+                                                           (6, 16, 16, 16, 3, 4), (9, 24, 8, 24, 4, 2)])
+def test_llada_greedy_matches_the_oracle(llada, monkeypatch, plen, gen, block, steps, n, window):
+    """The unmasking order of each block is one torch.rand draw, from the policy's generator seeded by `seed`,
+    as the oracle draws it from the global generator after torch.manual_seed(seed)."""
+    from reference_dkv import dkv_llada_greedy_generate
+    path, oracle, ids = llada
+    p = prompt(plen, seed=plen + gen)
+    torch.manual_seed(7)
+    x, nfe, log = dkv_llada_greedy_generate(oracle, torch.tensor([p]), steps=steps, gen_length=gen,
+                                            block_length=block, mask_id=ids["mask"], remasking="random",
+                                            enable_cache=True, cache_reloading_step=n, window_size=window)
+    rec = FedRecorder(monkeypatch)
+    out = llm(path, variant="greedy", refresh_interval=n, window_size=window, seed=7).generate(
+        [p], SamplingParams(max_tokens=gen, block_length=block, steps=steps, remasking="random", temperature=0,
+                            ignore_eos=True))[0]
+    assert out.token_ids == x[0, plen:].tolist()
+    assert out.metrics.nfe == nfe
+    assert rec.fed == [set(r["fed"][0]) for r in log]
+
+
+def test_llada_greedy_hand_schedule(llada, monkeypatch):
+    """The note's §6.2: N = 2, window 2: fed 13 4 13 4 | 13 4 13 2."""
+    path, _, _ = llada
+    rec = FedRecorder(monkeypatch)
+    llm(path, variant="greedy", refresh_interval=2, window_size=2).generate(
+        [prompt(5, 1)], SamplingParams(max_tokens=8, block_length=4, steps=8, remasking="random", ignore_eos=True))
+    assert [len(f) for f in rec.fed] == [13, 4, 13, 4, 13, 4, 13, 2]
+
+
+def test_greedy_needs_random_remasking_and_llada(llada, dream):
+    with pytest.raises(InvalidParameterError, match="remasking='random'"):
+        llm(llada[0], variant="greedy").generate(["hi"], SamplingParams(max_tokens=8, block_length=8, steps=8))
+    with pytest.raises(InvalidParameterError, match="LLaDA models only"):
+        llm(dream[0], variant="greedy").generate(["hi"], SamplingParams(max_tokens=8, block_length=8, steps=8))
+
+
+def test_greedy_rows_of_equal_width_are_batch_independent(llada):
+    engine = llm(llada[0], variant="greedy", window_size=2)
+    params = SamplingParams(max_tokens=16, block_length=8, steps=16, remasking="random", ignore_eos=True)
+    prompts = [prompt(6, seed=s) for s in (1, 2, 3)]
+    for p, out in zip(prompts, engine.generate(prompts, params)):
+        assert out.token_ids == engine.generate([p], params)[0].token_ids
