@@ -44,7 +44,7 @@ def test_gold_solutions_score_100_percent(gsm8k):
 
 
 def test_wrong_answers_score_0(gsm8k):
-    doc = gsm8k.docs(1)[0]          # Janet's ducks: 18
+    doc = gsm8k.docs(1)[0]          # the first test doc; its gold answer is 18
     wrong = ["#### 19", "The answer is 17.\n#### 17", "She makes $18 but #### 81", "I do not know.", "#### eighteen",
              "#### 1.8"]
     records = [{"doc_id": doc.doc_id, **gsm8k.score(doc, w)} for w in wrong]
@@ -63,12 +63,9 @@ def test_fewshot_prompt_is_lm_eval_format(gsm8k, records):
             expected += "Question: " + s["question"] + "\nAnswer: " + s["answer"] + "\n\n"
         expected += "Question: " + test[i]["question"] + "\nAnswer:"
         assert gsm8k.prompt(doc, chat=False) == expected
-    first = gsm8k.prompt(gsm8k.docs(1)[0], chat=False)
-    assert first.startswith("Question: Jen and Tyler are gymnasts practicing flips.")
-    assert first.endswith("\n#### 84\n\nQuestion: Janet’s ducks lay 16 eggs per day. She eats three for breakfast "
-                          "every morning and bakes muffins for her friends every day with four. She sells the "
-                          "remainder at the farmers' market daily for $2 per fresh duck egg. How much in dollars "
-                          "does she make every day at the farmers' market?\nAnswer:")
+    first = gsm8k.prompt(gsm8k.docs(1)[0], chat=False)      # doc 0 with its five shots, read from the data
+    assert first.startswith("Question: " + train[LM_EVAL_SHOTS[0][0]]["question"] + "\nAnswer: ")
+    assert first.endswith(train[LM_EVAL_SHOTS[0][-1]]["answer"] + "\n\nQuestion: " + test[0]["question"] + "\nAnswer:")
     assert gsm8k.stop_sequences(chat=False) == gsm8k.stop_sequences(chat=True) == ["Question:", "</s>", "<|im_end|>"]
     assert gsm8k.default_chat is False and gsm8k.primary_metric == "strict_accuracy"
 
