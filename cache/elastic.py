@@ -115,7 +115,7 @@ class ElasticCache(CachePolicy):
         self.layers_recomputed = torch.zeros(batch, dtype=torch.long, device=device)   # the authors' count
         self.forwards = torch.zeros(batch, dtype=torch.long, device=device)
         self.steps = [0] * batch                                                       # per-row forwards (host)
-        self.row_ids = list(range(batch))
+        self.row_ids = list(range(batch))                                              # for the trace records
         self.started = False
 
     def row_stats(self, row: int) -> dict:
@@ -241,7 +241,6 @@ class _ElasticPlan(ForwardPlan):
         self.kmask_T = self.keys_T[:, None, None, :]
         self.kmask_C = torch.cat([self.keys_T, torch.zeros(B, 1, dtype=torch.bool, device=dev)], 1)[:, None, None, :]
         self.fedmask = torch.zeros(B, T + 1, dtype=torch.bool, device=dev).scatter_(1, write, True)[:, :T]
-        self.forced_host = forced
         self.steps = steps
         f = torch.tensor([_NO_FORCE if x is None else x for x in forced], dtype=torch.long, device=dev)
         self.forced = f
@@ -295,10 +294,12 @@ class _ElasticPlan(ForwardPlan):
             K.scatter_(2, w.expand(-1, K.shape[1], -1, K.shape[3]), k)
             V.scatter_(2, w.expand(-1, V.shape[1], -1, V.shape[3]), v)
             Q.scatter_(2, w.expand(-1, H, -1, Q.shape[3]), q)
-            weights = _softmax_rows(q, _rep(K, H), self.kmask_C)                  # [B, H, n, T + 1]
-            out = (weights @ _rep(V, H).float()).to(q.dtype)
-            cur = weights[:, :, :self.mt]
-            rows = weights.gather(2, self.wslot[:, None, :, None].expand(-1, H, -1, weights.shape[3]))
+            out = attend(q, K, V, self.kmask_C)
+            # attention weights only for the rows that need them: the track slots (first) and the window queries
+            Kr = _rep(K, H)
+            cur = _softmax_rows(q[:, :, :self.mt], Kr, self.kmask_C)
+            rows = _softmax_rows(q.gather(2, self.wslot[:, None, :, None].expand(-1, H, -1, q.shape[3])), Kr,
+                                 self.kmask_C)
             keys = self.kmask_C[:, 0, 0]
         else:                                                  # column space: write per row, attend all columns
             write = (~cached)[:, None] | self.fedmask           # [B, T]
