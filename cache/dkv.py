@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from cache.base import CachePolicy, ForwardPlan, IndexedPlan
+from decoding.llada import transfer_quota
 from dllm.errors import InvalidParameterError
 
 VARIANTS = ("decode", "prefill", "pd", "greedy")
@@ -61,7 +62,7 @@ class DKVCache(CachePolicy):
         # greedy: one generator per row, so a row draws the same orders in a batch as alone (given the same canvas
         # width; with left padding to a longer prompt the draw covers more columns and differs)
         self.generators = [torch.Generator(device=device).manual_seed(self.opts["seed"]) for _ in range(batch)]
-        self.order = self.acc = self.quota = self.next_fed = None   # greedy: the current block's plan
+        self.order = self.acc = self.next_fed = None   # greedy: the current block's plan (host lists)
         self.mask_id = spec.mask_id
         self.per_block = not spec.shift_logits   # LLaDA counts steps per block, Dream over the run
         self.calls = 0
@@ -74,12 +75,13 @@ class DKVCache(CachePolicy):
             self.previous = self.previous[keep]
         if self.initial is not None:
             self.initial = self.initial[keep]
-        if self.variant == "greedy" and self.order is not None:
-            self.order, self.acc, self.quota = self.order[keep], self.acc[keep], self.quota[keep]
-            rows = keep.tolist()
-            self.next_fed = [self.next_fed[r] for r in rows] if self.next_fed is not None else None
         if self.variant == "greedy":
-            self.generators = [self.generators[r] for r in keep.tolist()]
+            rows = keep.tolist()
+            self.generators = [self.generators[r] for r in rows]
+            if self.order is not None:
+                self.order, self.acc = [self.order[r] for r in rows], [self.acc[r] for r in rows]
+            if self.next_fed is not None:
+                self.next_fed = [self.next_fed[r] for r in rows]
 
     def plan(self, start, end, step, mask) -> ForwardPlan:
         if self.variant == "greedy":
@@ -116,17 +118,18 @@ class DKVCache(CachePolicy):
         masked = self.canvas.tokens == self.mask_id
         b, steps = masked.shape[0], self._steps_per_block()
         if step == 0:                      # the block's unmasking order and per-step quotas, fixed in advance
-            self.quota = _quota(masked[:, start:end].sum(1), steps)                          # [B, steps]
-            if self.interval > 1 and bool((self.quota == 0).any()):
+            quota = transfer_quota(masked[:, start:end], steps)   # the sampler's own schedule, [B, steps]
+            if self.interval > 1 and bool((quota == 0).any()):
                 raise InvalidParameterError("dkv variant 'greedy' needs at least one token a step: use at most "
                                             "as many steps per block as the block has positions")
-            self.acc = torch.cat([torch.zeros_like(self.quota[:, :1]), self.quota.cumsum(1)], 1)
             score = torch.cat([torch.rand((1, self.length), generator=g, device=masked.device) for g in self.generators])
             score[:, :start] = -torch.inf
             score[:, end:] = -torch.inf
-            self.order = score.sort(dim=1, descending=True).indices
+            # kept on the host: every step slices them per row
+            self.acc = torch.cat([torch.zeros_like(quota[:, :1]), quota.cumsum(1)], 1).tolist()
+            self.order = score.sort(dim=1, descending=True).indices.tolist()
             self.next_fed = None
-        acc, order = self.acc.tolist(), self.order.tolist()
+        acc, order = self.acc, self.order
         now = [order[r][acc[r][step]:acc[r][step + 1]] for r in range(b)]
         commit = torch.zeros(b, end - start, dtype=torch.bool, device=masked.device)
         for r, cols in enumerate(now):
@@ -142,12 +145,14 @@ class DKVCache(CachePolicy):
         # what the next step feeds: this step's commits, the next step's, and a window of MASKs around the latter
         # (MASKs as before this step's commit, as the authors' loop has them)
         if step + 1 < steps:
-            mask_rows = masked.tolist()
+            window = self.opts["window_size"]
+            mask_rows = masked.tolist() if window else None
             self.next_fed = []
             for r in range(b):
                 upcoming = order[r][acc[r][step + 1]:acc[r][step + 2]]
                 marked = set(now[r]) | set(upcoming)
-                _window(marked, upcoming, mask_rows[r], self.opts["window_size"])
+                if window:
+                    _window(marked, upcoming, mask_rows[r], window)
                 self.next_fed.append(sorted(marked))
         return plan
 
@@ -174,13 +179,6 @@ class DKVCache(CachePolicy):
         keys = torch.ones(b, 1, 1, self.length, dtype=torch.bool, device=fed.device) if keys is None else keys
         keys = torch.cat([keys, torch.zeros_like(keys[..., :1])], dim=-1)     # the scratch column is never seen
         return IndexedPlan(index, None if all_valid else valid, slot_of[:, cols], self.buffers, keys)
-
-
-def _quota(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
-    """LLaDA's `get_num_transfer_tokens`: n // steps a step, the first n % steps steps one more. [B] -> [B, steps]."""
-    base = (masked_count // steps)[:, None].expand(-1, steps).clone()
-    extra = torch.arange(steps, device=masked_count.device)[None, :] < (masked_count % steps)[:, None]
-    return base + extra.long()
 
 
 def _window(marked: set, upcoming: list[int], masked_row: list[bool], size: int) -> None:

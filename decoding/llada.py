@@ -10,6 +10,14 @@ from decoding.base import Strategy, chosen_probability
 from decoding.sampling import rand_like_rows, ranks
 
 
+def transfer_quota(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's `get_num_transfer_tokens`: masked [B, Lb] -> per-step quota [B, steps] (n // steps a step, the
+    first n % steps steps one more)."""
+    n = masked.sum(-1, keepdim=True)                                   # [B, 1]
+    extra = torch.arange(steps, device=masked.device)[None, :] < n % steps
+    return n // steps + extra.long()
+
+
 class LLaDAReference(Strategy):
     name = "reference"
     options = ("steps", "remasking")
@@ -26,10 +34,7 @@ class LLaDAReference(Strategy):
 
     def begin_block(self, masked: torch.Tensor) -> None:
         super().begin_block(masked)
-        steps = self._steps_per_block()
-        n = masked.sum(-1, keepdim=True)                                   # [B, 1]
-        extra = torch.arange(steps, device=masked.device)[None, :] < n % steps
-        self.quota = n // steps + extra.long()                            # [B, steps]
+        self.quota = transfer_quota(masked, self._steps_per_block())
 
     def choose(self, x0, probs, masked, generators) -> torch.Tensor:
         if self.params.remasking == "random":
