@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from dllm.errors import InvalidParameterError
+from dllm.options import resolve_options
 from dllm.models.spec import ArchConfig, ModelSpec
 
 
@@ -115,19 +116,7 @@ class CachePolicy:
     @classmethod
     def resolve_options(cls, options: dict) -> dict:
         """The policy's options with defaults filled; unknown names and values of the wrong type are refused."""
-        unknown = sorted(set(options) - set(cls.options))
-        if unknown:
-            known = ", ".join(cls.options) or "none"
-            raise InvalidParameterError(f"cache '{cls.name}' has no option {unknown[0]!r}; its options: {known}")
-        resolved = dict(cls.options)
-        for key, value in options.items():
-            default = cls.options[key]
-            try:
-                resolved[key] = _coerce(value, default)
-            except (TypeError, ValueError):
-                raise InvalidParameterError(f"cache option {key}={value!r} must be a {type(default).__name__} "
-                                            f"(default {default!r})") from None
-        return resolved
+        return resolve_options("cache", cls.name, cls.options, options)
 
     def row_stats(self, row: int) -> dict:
         """Policy-specific per-request statistics for row `row` of the current batch (RequestMetrics.cache_stats)."""
@@ -167,21 +156,3 @@ class CachePolicy:
         read_end = self.length if read_end is None else read_end
         return ForwardPlan(start, end, mask(start, end, read_end), self.buffers, read_end)
 
-
-def _coerce(value, default):
-    """`value` (possibly the text of a CLI option) as the type of `default`."""
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-        raise ValueError(value)
-    if isinstance(default, int) and not isinstance(value, bool):
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return int(value)
-    if isinstance(default, float) and not isinstance(value, bool):
-        return float(value)
-    if default is None or isinstance(default, str):
-        return value
-    raise TypeError(value)

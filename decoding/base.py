@@ -20,6 +20,7 @@ import torch
 
 from decoding.proposal import PROPOSALS
 from dllm.errors import InvalidParameterError
+from dllm.options import resolve_options
 from dllm.models.spec import ModelSpec
 from dllm.sampling_params import SamplingParams
 
@@ -63,11 +64,7 @@ class Strategy:
 
     @classmethod
     def resolve_engine_options(cls, options: dict) -> dict:
-        unknown = sorted(set(options) - set(cls.engine_options))
-        if unknown:
-            known = ", ".join(cls.engine_options) or "none"
-            raise InvalidParameterError(f"strategy '{cls.name}' has no option {unknown[0]!r}; its options: {known}")
-        return {**cls.engine_options, **options}
+        return resolve_options("strategy", cls.name, cls.engine_options, options)
 
     @classmethod
     def prepare(cls, options: dict, loaded) -> dict:
