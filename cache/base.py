@@ -112,6 +112,7 @@ class CachePolicy:
         self.shift_logits = False
         self.canvas = None
         self.stop_ids: torch.Tensor | None = None
+        self.params = None
 
     @classmethod
     def resolve_options(cls, options: dict) -> dict:

@@ -63,6 +63,7 @@ class DKVCache(CachePolicy):
         # width; with left padding to a longer prompt the draw covers more columns and differs)
         self.generators = [torch.Generator(device=device).manual_seed(self.opts["seed"]) for _ in range(batch)]
         self.order = self.acc = self.next_fed = None   # greedy: the current block's plan (host lists)
+        self.key_mask = None                           # cached steps' key mask, scratch column included
         self.mask_id = spec.mask_id
         self.per_block = not spec.shift_logits   # LLaDA counts steps per block, Dream over the run
         self.calls = 0
@@ -71,6 +72,7 @@ class DKVCache(CachePolicy):
 
     def select_rows(self, keep: torch.Tensor) -> None:
         super().select_rows(keep)
+        self.key_mask = None
         if self.previous is not None:
             self.previous = self.previous[keep]
         if self.initial is not None:
@@ -175,10 +177,11 @@ class DKVCache(CachePolicy):
         slot_of.scatter_(1, index.masked_fill(~valid, self.length), slots)
         shift = int(self.shift_logits)
         cols = torch.arange(start - shift, end - shift, device=fed.device).clamp(min=0)
-        keys = mask(0, self.length, self.length)
-        keys = torch.ones(b, 1, 1, self.length, dtype=torch.bool, device=fed.device) if keys is None else keys
-        keys = torch.cat([keys, torch.zeros_like(keys[..., :1])], dim=-1)     # the scratch column is never seen
-        return IndexedPlan(index, None if all_valid else valid, slot_of[:, cols], self.buffers, keys)
+        if self.key_mask is None:   # changes only when rows leave the batch
+            keys = mask(0, self.length, self.length)
+            keys = torch.ones(b, 1, 1, self.length, dtype=torch.bool, device=fed.device) if keys is None else keys
+            self.key_mask = torch.cat([keys, torch.zeros_like(keys[..., :1])], dim=-1)   # the scratch column: unseen
+        return IndexedPlan(index, None if all_valid else valid, slot_of[:, cols], self.buffers, self.key_mask)
 
 
 def _window(marked: set, upcoming: list[int], masked_row: list[bool], size: int) -> None:
