@@ -112,7 +112,7 @@ class _Run:
         batch = len(requests) * (2 if self.cfg else 1)
         self.cache.allocate(batch, self.canvas.length, engine.loaded.arch, self.spec, engine.dtype, engine.device)
         self.num_layers = engine.loaded.arch.num_layers
-        self.kv_computations = torch.zeros(len(requests), dtype=torch.long, device=engine.device)
+        self.kv_steps: list[torch.Tensor] = []   # [steps, rows] chunks: token x layer K/V computed per step
         stops = sorted(set(() if p.ignore_eos else self.spec.stop_ids) | set(p.stop_token_ids))
         self.stop_ids = torch.tensor(stops, dtype=torch.long, device=engine.device)
         self.cache.attach(self.canvas, self.stop_ids, p)
@@ -174,7 +174,9 @@ class _Run:
                 logits = torch.cat([logits[:, :1], logits], dim=1)
             fed = plan.end - plan.start
         done = plan.kv_computations if plan.kv_computations is not None else fed * self.num_layers
-        self.kv_computations += done[:len(self.rows)] if torch.is_tensor(done) else done
+        rows = len(self.rows)
+        self.kv_steps.append(done[None, :rows] if torch.is_tensor(done) else
+                             torch.full((1, rows), done, dtype=torch.long, device=self.engine.device))
         if self.cfg:
             cond, uncond = logits.chunk(2)
             logits = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
@@ -214,11 +216,11 @@ class _Run:
     def _output(self, row: _Row, text: str, reason: str) -> RequestOutput:
         latency = time.perf_counter() - self.start_time
         index = self.rows.index(row)
-        kv = int(self.kv_computations[index])
-        full = row.nfe * self.canvas.length * self.num_layers
+        per_step = torch.cat(self.kv_steps)[:, index].tolist()
+        kv, full = sum(per_step), row.nfe * self.canvas.length * self.num_layers
         metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency,
                                  kv_computations=kv, kv_fraction=kv / full if full else 0.0,
-                                 cache_stats=self.cache.row_stats(index))
+                                 kv_computations_per_step=per_step, cache_stats=self.cache.row_stats(index))
         r = row.request
         return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
                              [CompletionOutput(0, text, list(row.token_ids), reason)], metrics)
@@ -229,7 +231,7 @@ class _Run:
         if not keep:
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
-        self.kv_computations = self.kv_computations[idx]
+        self.kv_steps = [torch.cat(self.kv_steps)[:, idx]]
         self.canvas.select_rows(idx)
         self.strategy.select_rows(idx)
         self.cache.select_rows(torch.cat([idx, idx + batch]) if self.cfg else idx)

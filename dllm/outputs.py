@@ -20,6 +20,7 @@ class RequestMetrics:
     latency_s: float
     kv_computations: int = 0
     kv_fraction: float = 0.0
+    kv_computations_per_step: list[int] = field(default_factory=list)   # the same count, one entry per forward
     cache_stats: dict = field(default_factory=dict)   # the cache policy's own per-request statistics
     tokens_per_forward: float = 0.0
     tokens_per_second: float = 0.0

@@ -80,7 +80,8 @@ def test_llada_hand_schedule(llada, monkeypatch):
     out = llm(path, refresh_interval=8).generate([prompt(5, 1)], SamplingParams(max_tokens=8, block_length=4, steps=8,
                                                                                ignore_eos=True))[0]
     assert [len(f) for f in rec.fed] == [13, 13, 7, 6, 13, 13, 3, 2]
-    assert out.metrics.kv_computations == 2 * (13 + 13 + 7 + 6 + 13 + 13 + 3 + 2)   # 2 layers in the tiny model
+    assert out.metrics.kv_computations_per_step == [2 * n for n in (13, 13, 7, 6, 13, 13, 3, 2)]   # 2 layers
+    assert out.metrics.kv_computations == 2 * (13 + 13 + 7 + 6 + 13 + 13 + 3 + 2)
     assert out.metrics.kv_fraction == pytest.approx(out.metrics.kv_computations / (8 * 13 * 2))
 
 

@@ -146,6 +146,7 @@ def test_parity_with_the_authors_algorithm(models, family, P, gen, window, gamma
     assert out.metrics.nfe == nfe
     _compare_schedule(trace, log, P + gen, L)
     assert out.metrics.kv_computations == sum(_kv(log, P + gen, L))
+    assert out.metrics.kv_computations_per_step == _kv(log, P + gen, L)
     assert out.metrics.kv_fraction == pytest.approx(sum(_kv(log, P + gen, L)) / (nfe * (P + gen) * L))
     assert out.metrics.cache_stats["layers_recomputed_fraction"] == pytest.approx(log["fraction"])
 
