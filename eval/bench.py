@@ -150,9 +150,7 @@ class _LLMSlot:
         self.key, self.llm = None, None
 
     def get(self, config: EvalConfig):
-        key = (config.model, config.cache, config.strategy, config.dtype, config.device, config.revision,
-               config.trust_remote_code, config.batch_size, json.dumps(config.cache_options, sort_keys=True),
-               json.dumps(config.strategy_options, sort_keys=True))
+        key = json.dumps(runner.llm_options(config), sort_keys=True)
         if key != self.key:
             self.key, self.llm = None, None
             gc.collect()
@@ -194,7 +192,7 @@ def bench(base: EvalConfig, axes: dict, output_dir: str | Path | None = None, *,
 
 
 def _result(plan: list, summaries: dict, refused: list, out: Path) -> BenchResult:
-    primary = next(iter(summaries.values())).primary_metric if summaries else "accuracy"
+    primary = next(iter(summaries.values())).primary_metric  # bench() refuses a grid with no summary
     baseline = summaries.get(plan[0][0])
     base_speed = baseline.metrics["throughput"] if baseline else None
     rows = []

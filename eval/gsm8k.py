@@ -106,7 +106,7 @@ class Gsm8kTask:
         self.fewshot_as_multiturn = fewshot_as_multiturn
         test = read_jsonl(Path(data_file)) if data_file is not None else load_split("test")
         train = self._train(data_file, train_file) if num_fewshot else []
-        shots = fewshot_indices(len(test), len(train), num_fewshot, seed) if num_fewshot else [[]] * len(test)
+        shots = fewshot_indices(len(test), len(train), num_fewshot, seed)  # num_fewshot 0: empty lists
         self._docs = [Doc(f"gsm8k/{i}", {**r, "fewshot": [train[j] for j in idx]})
                       for i, (r, idx) in enumerate(zip(test, shots))]
 

@@ -64,11 +64,10 @@ class DllmLM(LM):
             logger.warning("no CUDA device: dllm runs on the CPU (lm-eval passed device=%s)", device)
             device = "cpu"
         self.batch_size = _batch_size(batch_size, max_batch_size)
-        # lm-eval reads the value `none` as None
-        self.llm = LLM(str(pretrained), cache=cache or "none", strategy=strategy, dtype=dtype or "auto",
+        self.cache, self.strategy = cache or "none", strategy  # lm-eval reads the value `none` as None
+        self.llm = LLM(str(pretrained), cache=self.cache, strategy=strategy, dtype=dtype or "auto",
                        device=device or "auto", revision=revision, trust_remote_code=trust_remote_code,
                        max_batch_size=self.batch_size)
-        self.cache, self.strategy = cache or "none", strategy
         self.stats = {"requests": 0, "tokens": 0, "nfe": 0, "generation_seconds": 0.0}
         self._ignored: set[str] = set()
         self.chat_templated = False

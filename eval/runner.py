@@ -138,16 +138,21 @@ def load_task(config: EvalConfig):
     except DllmError:
         raise
     except (ValueError, TypeError, OSError) as exc:
-        raise EvalError(f"task {config.task!r} with options {config.task_options}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EvalError(f"task {config.task!r} with options {config.task_options}: {reason}") from None
+
+
+def llm_options(config: EvalConfig) -> dict:
+    """The `LLM` arguments of `config`: settings with equal options can share one LLM."""
+    return {"model": config.model, "cache": config.cache, "strategy": config.strategy, "dtype": config.dtype,
+            "device": config.device, "revision": config.revision, "trust_remote_code": config.trust_remote_code,
+            "max_batch_size": config.batch_size, "cache_options": config.cache_options,
+            "strategy_options": config.strategy_options}
 
 
 def build_llm(config: EvalConfig):
     from dllm.api import LLM
-    return LLM(config.model, cache=config.cache, strategy=config.strategy, dtype=config.dtype,
-               device=config.device, revision=config.revision, trust_remote_code=config.trust_remote_code,
-               max_batch_size=config.batch_size, cache_options=config.cache_options,
-               strategy_options=config.strategy_options)
+    return LLM(**llm_options(config))
 
 
 def evaluate(task: str, model: str = DEFAULT_MODEL, *, output_dir: str | Path | None = None, limit: int | None = None,
@@ -172,10 +177,11 @@ def run(config: EvalConfig, output_dir: str | Path, *, limit: int | None = None,
     store = RunStore(Path(output_dir), config.setting(), overwrite=overwrite)
     units = [(doc, j) for doc in task.docs(limit=limit) for j in range(config.num_samples)]
     pending = [(doc, j) for doc, j in units if (doc.doc_id, j) not in store.done]
-    environment = store.previous_environment()
     if pending:
         session = _Session(config, task, store, llm_factory(config), start)
         environment = session.run(pending, total=len(units), progress=progress, warmup=warmup, label=label)
+    else:
+        environment = store.previous_environment()
     selected = {(doc.doc_id, j) for doc, j in units}
     records = [r for r in store.records if (r["doc_id"], r["sample"]) in selected]
     task_metrics = task.aggregate(records) if records else {}
@@ -202,7 +208,6 @@ class RunStore:
         self.records = self._read()
         self.done = {(r["doc_id"], r["sample"]) for r in self.records}
         self._prompts = {r["prompt_sha1"] for r in self.records if "prompt" in r}
-        self._num_correct = sum(bool(r["correct"]) for r in self.records)
 
     def _claim(self, setting: dict) -> None:
         config = self.path / "config.json"
@@ -242,7 +247,6 @@ class RunStore:
             os.fsync(f.fileno())
         self.records += records
         self.done |= {(r["doc_id"], r["sample"]) for r in records}
-        self._num_correct += sum(bool(r["correct"]) for r in records)
 
     def prompt_fields(self, prompt: str) -> dict:
         """`prompt_sha1`, plus the prompt text the first time this directory's records see it."""
@@ -253,7 +257,7 @@ class RunStore:
         return {"prompt_sha1": digest, "prompt": prompt}
 
     def accuracy(self) -> float:
-        return self._num_correct / len(self.records) if self.records else 0.0
+        return sum(bool(r["correct"]) for r in self.records) / len(self.records) if self.records else 0.0
 
     def previous_environment(self) -> dict:
         summary = self.path / "summary.json"
@@ -291,7 +295,6 @@ class _Session:
                             "is the same); pass --temperature, e.g. 0.8")
         self.stops = list(task.stop_sequences(config.chat))
         self.device = llm.engine.device
-        self.tokens, self.seconds = 0, 0.0
         if self.device.type == "cuda":
             import torch
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -300,12 +303,14 @@ class _Session:
         bar = report.Progress(total=total, done=total - len(pending), enabled=progress, desc=label)
         if warmup:  # the first batch would otherwise pay for lazy initialisation (kernels, allocator)
             self._generate(pending[:1])
+        total_tokens, total_seconds = 0, 0.0
         for i in range(0, len(pending), self.config.batch_size):
             batch = pending[i:i + self.config.batch_size]
             outputs, seconds = self._generate(batch)
             self.store.append(self._records(batch, outputs, seconds))
-            self.tokens, self.seconds = self.tokens + sum(o.metrics.num_tokens for o in outputs), self.seconds + seconds
-            bar.update(len(batch), accuracy=self.store.accuracy(), tokens_per_second=self.tokens / self.seconds)
+            total_tokens += sum(o.metrics.num_tokens for o in outputs)
+            total_seconds += seconds
+            bar.update(len(batch), accuracy=self.store.accuracy(), tokens_per_second=total_tokens / total_seconds)
         bar.close()
         return self.environment()
 
@@ -346,9 +351,8 @@ class _Session:
         import torch
 
         import dllm
-        engine = self.llm.engine
-        gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
-        return {"device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."), "gpu": gpu,
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        return {"device": str(self.device), "dtype": str(self.llm.engine.dtype).removeprefix("torch."), "gpu": gpu,
                 "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "dllm": dllm.__version__,
                 "python": platform.python_version(), "platform": platform.platform(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "session": self.id}
