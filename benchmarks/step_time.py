@@ -26,7 +26,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cache import make_cache  # noqa: E402
+from dllm.cache import make_cache  # noqa: E402
 from dllm import LLM, SamplingParams  # noqa: E402
 
 DEFAULT_CONFIG = REPO.parent / "shared" / "data" / "checkpoints" / "LLaDA-8B-Instruct"

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dllm import LLM, SamplingParams  # noqa: E402
-from eval.tasks import get_task  # noqa: E402
-from eval.tasks.chat import to_messages  # noqa: E402
+from dllm.eval.tasks import get_task  # noqa: E402
+from dllm.eval.tasks.chat import to_messages  # noqa: E402
 
 # (label, cache, strategy, cache_options, strategy_options, block_length or None for the default 32)
 SETTINGS = [

@@ -1,12 +1,12 @@
 """KV-cache policies, looked up by name. See `base.py` for the interface every policy implements."""
-from cache.base import CachePolicy, ForwardPlan, IndexedPlan, KVBuffers
-from cache.block import BlockCache
-from cache.dkv import DKVCache
-from cache.dual import DualCache
-from cache.elastic import ElasticCache
-from cache.freecache import FreeCache
-from cache.none import NoCache
-from cache.prefix import PrefixCache
+from dllm.cache.base import CachePolicy, ForwardPlan, IndexedPlan, KVBuffers
+from dllm.cache.block import BlockCache
+from dllm.cache.dkv import DKVCache
+from dllm.cache.dual import DualCache
+from dllm.cache.elastic import ElasticCache
+from dllm.cache.freecache import FreeCache
+from dllm.cache.none import NoCache
+from dllm.cache.prefix import PrefixCache
 from dllm.errors import InvalidParameterError
 
 CACHES = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache, BlockCache, DKVCache, ElasticCache, FreeCache)}

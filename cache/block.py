@@ -3,7 +3,7 @@ so once a block is final its keys/values never change. Each block's first forwar
 the blocks finalised since the last store (the prompt on the first block, the previous block afterwards), which
 is SDAR's separate `store_kv` forward folded into the next one; later forwards recompute the current block only.
 Every committed block's K/V is written once and reused; nothing is approximate."""
-from cache.base import CachePolicy, ForwardPlan
+from dllm.cache.base import CachePolicy, ForwardPlan
 
 
 class BlockCache(CachePolicy):

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from cache.base import CachePolicy, ForwardPlan, IndexedPlan
-from decoding.llada import transfer_quota
+from dllm.cache.base import CachePolicy, ForwardPlan, IndexedPlan
+from dllm.decoding.llada import transfer_quota
 from dllm.errors import InvalidParameterError
 
 VARIANTS = ("decode", "prefill", "pd", "greedy")

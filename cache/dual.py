@@ -2,7 +2,7 @@
 refreshes every position; the block's later steps recompute only the block and reuse the cached K/V of both
 the prefix and the MASK suffix after the block, both frozen until the next block start. On shifted-logit
 models the block-start forward commits the block's first position (see `prefix.py`)."""
-from cache.base import CachePolicy, ForwardPlan
+from dllm.cache.base import CachePolicy, ForwardPlan
 
 
 class DualCache(CachePolicy):

@@ -63,7 +63,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from cache.base import CachePolicy, ForwardPlan
+from dllm.cache.base import CachePolicy, ForwardPlan
 from dllm.attention import attend
 from dllm.errors import InvalidParameterError
 

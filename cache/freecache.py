@@ -12,7 +12,7 @@ computed against an all-MASK answer.
 The authors' sliding-window option is not built: it is dead code in their FreeCache path and inconsistent in the
 guided path. Full-attention models only (SDAR keeps its exact `block` cache).
 """
-from cache.base import CachePolicy, ForwardPlan
+from dllm.cache.base import CachePolicy, ForwardPlan
 
 
 class FreeCache(CachePolicy):

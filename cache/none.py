@@ -1,5 +1,5 @@
 """No cache: every forward recomputes the whole canvas (the reference procedure of every family)."""
-from cache.base import CachePolicy, ForwardPlan
+from dllm.cache.base import CachePolicy, ForwardPlan
 
 
 class NoCache(CachePolicy):

@@ -5,7 +5,7 @@ cached K/V of the prefix (prompt and finished blocks), which is frozen until the
 On a model whose logits are shifted (Dream), the block's first position is predicted from the position before
 the block, which later steps do not recompute; as in Fast-dLLM's cached Dream path, the block-start forward
 then commits exactly that first position."""
-from cache.base import CachePolicy, ForwardPlan
+from dllm.cache.base import CachePolicy, ForwardPlan
 
 
 class PrefixCache(CachePolicy):

@@ -1,12 +1,12 @@
 """Decoding strategies, looked up by name (and, for `reference`, by model family: each family's authors'
 own sampler). See `base.py` for the interface every strategy implements."""
-from decoding.base import Strategy
-from decoding.dream import DreamReference
-from decoding.factor import FactorStrategy
-from decoding.guided import GuidedStrategy
-from decoding.llada import LLaDAReference
-from decoding.sdar import SDARReference
-from decoding.threshold import ThresholdStrategy
+from dllm.decoding.base import Strategy
+from dllm.decoding.dream import DreamReference
+from dllm.decoding.factor import FactorStrategy
+from dllm.decoding.guided import GuidedStrategy
+from dllm.decoding.llada import LLaDAReference
+from dllm.decoding.sdar import SDARReference
+from dllm.decoding.threshold import ThresholdStrategy
 from dllm.errors import InvalidParameterError
 
 STRATEGIES = {

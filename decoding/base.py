@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.proposal import PROPOSALS
+from dllm.decoding.proposal import PROPOSALS
 from dllm.errors import InvalidParameterError
 from dllm.options import resolve_options
 from dllm.models.spec import ModelSpec

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import Strategy, chosen_probability
-from decoding.sampling import rand_like_rows, ranks
+from dllm.decoding.base import Strategy, chosen_probability
+from dllm.decoding.sampling import rand_like_rows, ranks
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import Strategy
+from dllm.decoding.base import Strategy
 from dllm.errors import InvalidParameterError
 
 MODES = ("assisted", "speculative")

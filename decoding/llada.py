@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import Strategy, chosen_probability
-from decoding.sampling import rand_like_rows, ranks
+from dllm.decoding.base import Strategy, chosen_probability
+from dllm.decoding.sampling import rand_like_rows, ranks
 
 
 def transfer_quota(masked: torch.Tensor, steps: int) -> torch.Tensor:

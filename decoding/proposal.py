@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from decoding.sampling import rand_like_rows, sample_tokens
+from dllm.decoding.sampling import rand_like_rows, sample_tokens
 
 
 def _forbid(logits: torch.Tensor, ids: torch.Tensor, value: float = -torch.inf) -> torch.Tensor:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import Strategy, chosen_probability
-from decoding.sampling import ranks
+from dllm.decoding.base import Strategy, chosen_probability
+from dllm.decoding.sampling import ranks
 
 DEFAULT_THRESHOLD = 0.85
 DEFAULT_ENTROPY_BOUND = 0.35

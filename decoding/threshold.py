@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import Strategy, chosen_probability
+from dllm.decoding.base import Strategy, chosen_probability
 
 DEFAULT_THRESHOLD = 0.9
 

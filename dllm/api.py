@@ -16,8 +16,8 @@ from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from cache import cache_class
-from decoding import check_strategy_name
+from dllm.cache import cache_class
+from dllm.decoding import check_strategy_name
 from dllm.engine import Engine, Request
 from dllm.errors import InvalidParameterError
 from dllm.models.loader import load_model

@@ -9,8 +9,8 @@ import json
 import logging
 import sys
 
-from cache import CACHES
-from decoding import STRATEGIES
+from dllm.cache import CACHES
+from dllm.decoding import STRATEGIES
 from dllm.errors import DllmError
 from dllm.sampling_params import DREAM_ALGS, REMASKING, SamplingParams
 from dllm.zoo import DEFAULT_MODEL
@@ -257,7 +257,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def eval_config(args: argparse.Namespace):
-    from eval.runner import EvalConfig, sampling_dict
+    from dllm.eval.runner import EvalConfig, sampling_dict
     options = {"data_file": args.data_file, "num_fewshot": args.num_fewshot}
     options = {k: v for k, v in options.items() if v is not None}
     options.update(key_values(args.task_option, "--task-option"))
@@ -271,7 +271,7 @@ def eval_config(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from eval import report, runner
+    from dllm.eval import report, runner
     config = eval_config(args)
     summary = runner.run(config, args.output or runner.default_output_dir(config), limit=args.limit,
                          overwrite=args.overwrite, progress=not args.no_progress, warmup=not args.no_warmup)
@@ -281,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from eval import bench, report
+    from dllm.eval import bench, report
     config = eval_config(args)
     axes = bench.parse_grid(args.grid)
     result = bench.bench(config, axes, args.output, limit=args.limit, overwrite=args.overwrite,

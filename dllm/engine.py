@@ -21,8 +21,8 @@ from typing import Iterator
 
 import torch
 
-from cache import cache_class, make_cache
-from decoding import strategy_class
+from dllm.cache import cache_class, make_cache
+from dllm.decoding import strategy_class
 from dllm.canvas import Canvas
 from dllm.errors import InvalidParameterError
 from dllm.models.loader import LoadedModel

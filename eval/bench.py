@@ -28,8 +28,8 @@ from pathlib import Path
 
 from dllm.errors import InvalidParameterError
 from dllm.sampling_params import SamplingParams
-from eval import metrics, report, runner
-from eval.runner import EvalConfig, EvalError
+from dllm.eval import metrics, report, runner
+from dllm.eval.runner import EvalConfig, EvalError
 
 logger = logging.getLogger(__name__)
 ENGINE_AXES = ("strategy", "cache", "batch_size")
@@ -72,8 +72,8 @@ def _value(axis: str, text: str):
 def parse_grid(items: list[str]) -> dict[str, list]:
     """`["caches=none,dual", "thresholds=0.7,0.9"]` -> `{"cache": ["none", "dual"], "threshold": [0.7, 0.9]}`,
     each name and value checked (unknown names, caches or strategies, values SamplingParams refuses)."""
-    from cache import cache_class
-    from decoding import check_strategy_name
+    from dllm.cache import cache_class
+    from dllm.decoding import check_strategy_name
     axes: dict[str, list] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -106,8 +106,8 @@ def model_family(config: EvalConfig) -> str:
 def reads(strategy: str, family: str, option: str) -> bool:
     """Whether `strategy` on `family` models reads the SamplingParams field `option` (every strategy reads the
     shared ones: max_tokens, block_length, temperature, ...)."""
-    from decoding import strategy_class
-    from decoding.base import ALL_OPTIONS, PROPOSAL_OPTIONS
+    from dllm.decoding import strategy_class
+    from dllm.decoding.base import ALL_OPTIONS, PROPOSAL_OPTIONS
     if option not in ALL_OPTIONS:
         return True
     try:

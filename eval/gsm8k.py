@@ -33,8 +33,8 @@ import random
 from pathlib import Path
 
 from dllm.errors import DatasetUnavailableError, InvalidParameterError
-from eval.harness_tasks import Doc, mean_of
-from eval.scoring import extract_flexible, extract_strict, is_correct
+from dllm.eval.harness_tasks import Doc, mean_of
+from dllm.eval.scoring import extract_flexible, extract_strict, is_correct
 
 FEWSHOT_SEED = 1234                 # lm-eval's default fewshot_random_seed (lm_eval/defaults.py)
 STOP_SEQUENCES = ["Question:", "</s>", "<|im_end|>"]

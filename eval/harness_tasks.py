@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dllm.errors import InvalidParameterError
-from eval.scoring import extract_strict
-from eval.tasks import TASKS, Problem, Task, get_task, to_messages
-from eval.tasks.code_lite import CodeLiteTask
+from dllm.eval.scoring import extract_strict
+from dllm.eval.tasks import TASKS, Problem, Task, get_task, to_messages
+from dllm.eval.tasks.code_lite import CodeLiteTask
 
 EVAL_TASKS: tuple[str, ...] = ("gsm8k", "humaneval", "arith", "gsm-lite", "code-lite")
 # Imported on first use, so that loading one task never needs another one's packages.
-_TASK_CLASSES = {"gsm8k": "eval.gsm8k:Gsm8kTask", "humaneval": "eval.humaneval:HumanEvalTask"}
+_TASK_CLASSES = {"gsm8k": "dllm.eval.gsm8k:Gsm8kTask", "humaneval": "dllm.eval.humaneval:HumanEvalTask"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class ZooEvalTask:
         return to_messages(problem) if chat else problem.prompt
 
     def stop_sequences(self, chat: bool) -> list[str]:
-        from eval.humaneval import BASE_STOP_SEQUENCES  # here, not on top: eval.humaneval imports this module
+        from dllm.eval.humaneval import BASE_STOP_SEQUENCES  # here, not on top: eval.humaneval imports this module
         return list(BASE_STOP_SEQUENCES) if isinstance(self.task, CodeLiteTask) and not chat else []
 
     def score(self, doc: Doc, completion: str) -> dict:

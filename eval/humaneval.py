@@ -27,8 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from dllm.errors import DatasetUnavailableError
-from eval.harness_tasks import Doc
-from eval.sandbox import SandboxLimits, run_sandboxed
+from dllm.eval.harness_tasks import Doc
+from dllm.eval.sandbox import SandboxLimits, run_sandboxed
 
 BASE_STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 INSTRUCT_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"

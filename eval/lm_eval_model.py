@@ -35,7 +35,7 @@ from tqdm import tqdm
 from dllm.errors import InvalidParameterError
 from dllm.sampling_params import SamplingParams
 from dllm.zoo import DEFAULT_MODEL
-from eval.runner import truncate
+from dllm.eval.runner import truncate
 
 logger = logging.getLogger(__name__)
 _FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -176,7 +176,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import eval.lm_eval_model as module  # register the importable module's class, not this __main__ copy
+    import dllm.eval.lm_eval_model as module  # register the importable module's class, not this __main__ copy
     module.main()
 else:
     register()

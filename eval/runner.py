@@ -33,7 +33,7 @@ from pathlib import Path
 from dllm.errors import DllmError
 from dllm.sampling_params import SamplingParams
 from dllm.zoo import DEFAULT_MODEL
-from eval import metrics, report
+from dllm.eval import metrics, report
 
 SCORING_THREADS = 8
 
@@ -132,7 +132,7 @@ def default_output_dir(config: EvalConfig) -> Path:
 def load_task(config: EvalConfig):
     """The task, its data read (before any model loads). The task layer raises DllmErrors for unknown names,
     options and missing data; a bad option value it did not foresee becomes one line too."""
-    from eval.harness_tasks import get_eval_task
+    from dllm.eval.harness_tasks import get_eval_task
     try:
         return get_eval_task(config.task, **config.task_options)
     except DllmError:

@@ -12,9 +12,9 @@ import pytest
 
 from dllm.cli import main
 from dllm.errors import InvalidParameterError
-from eval.bench import expand, label, parse_grid
-from eval.metrics import pareto_front
-from eval.runner import EvalConfig
+from dllm.eval.bench import expand, label, parse_grid
+from dllm.eval.metrics import pareto_front
+from dllm.eval.runner import EvalConfig
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 

@@ -29,7 +29,7 @@ class FedRecorder:
     """Records, for every forward of a dkv run, the set of canvas columns fed (row 0)."""
 
     def __init__(self, monkeypatch):
-        from cache.dkv import DKVCache
+        from dllm.cache.dkv import DKVCache
         self.fed: list[set[int]] = []
         original = DKVCache.plan
 

@@ -29,7 +29,7 @@ from reference_elastic import (
 )
 from reference_llada import RefLLaDA
 
-from cache.elastic import ElasticCache
+from dllm.cache.elastic import ElasticCache
 from dllm import LLM, SamplingParams
 from dllm.errors import InvalidParameterError
 

@@ -30,7 +30,7 @@ def prompt(n, seed=0):
 @pytest.fixture
 def fed(monkeypatch):
     """The (start, end) column range fed by every forward of a freecache run."""
-    from cache.freecache import FreeCache
+    from dllm.cache.freecache import FreeCache
     ranges: list[tuple[int, int]] = []
     original = FreeCache.plan
 

@@ -14,9 +14,9 @@ import pytest
 
 from dllm import LLM, SamplingParams
 from dllm.cli import main
-from eval import metrics
-from eval.runner import EvalConfig, EvalError, run, sample_seed, truncate
-from eval.tasks import get_task, to_messages
+from dllm.eval import metrics
+from dllm.eval.runner import EvalConfig, EvalError, run, sample_seed, truncate
+from dllm.eval.tasks import get_task, to_messages
 
 # One thread, as conftest.py sets in-process: on a shared or busy machine a second thread of a tiny model only
 # spins (8x slower here under load).

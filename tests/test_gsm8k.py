@@ -9,8 +9,8 @@ import json
 import pytest
 
 from dllm.errors import DatasetUnavailableError, InvalidParameterError
-from eval.gsm8k import COT_INSTRUCTION
-from eval.harness_tasks import EVAL_TASKS, get_eval_task
+from dllm.eval.gsm8k import COT_INSTRUCTION
+from dllm.eval.harness_tasks import EVAL_TASKS, get_eval_task
 
 LM_EVAL_SHOTS = {0: (6374, 3610, 957, 61, 742), 1: (7462, 6610, 4769, 286, 5501)}
 

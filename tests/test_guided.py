@@ -66,8 +66,8 @@ def test_guided_rows_are_batch_independent(tiny_llada, guide_dir):
 def test_tiny_ar_guides_tiny_llada():
     """The zoo pair: the guide accepts several proposals a step and the answers stay right."""
     torch.set_num_threads(2)
-    from eval.tasks import get_task
-    from eval.tasks.chat import to_messages
+    from dllm.eval.tasks import get_task
+    from dllm.eval.tasks.chat import to_messages
     task = get_task("arith")
     problems = task.generate("test", 8)
     llm = LLM("tiny-llada", cache="freecache", strategy="guided", strategy_options={"guide": "tiny-ar"}, device="cpu")

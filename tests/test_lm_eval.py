@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval>=0.4,<0.5', in the eval extra)")
 
 from dllm import LLM, SamplingParams
-from eval.tasks import get_task, to_messages
+from dllm.eval.tasks import get_task, to_messages
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
        "OMP_NUM_THREADS": "1"}
@@ -60,7 +60,7 @@ def test_simple_evaluate_matches_the_api(task_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import eval.lm_eval_model  # noqa: F401  registers "dllm"
+    import dllm.eval.lm_eval_model  # noqa: F401  registers "dllm"
     results = lm_eval.simple_evaluate(
         model="dllm", model_args=MODEL_ARGS, tasks=["dllm_arith"], device="cpu", batch_size=4, limit=4,
         apply_chat_template=True, log_samples=True,
@@ -79,7 +79,7 @@ def test_simple_evaluate_matches_the_api(task_dir):
 
 
 def test_likelihood_is_refused_clearly():
-    from eval.lm_eval_model import DllmLM
+    from dllm.eval.lm_eval_model import DllmLM
     lm = DllmLM(pretrained="tiny-llada", device="cpu")
     with pytest.raises(NotImplementedError, match="generate_until only"):
         lm.loglikelihood([])
@@ -88,7 +88,7 @@ def test_likelihood_is_refused_clearly():
 
 
 def test_command_line(task_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "eval.lm_eval_model", "--model", "dllm", "--model_args",
+    r = subprocess.run([sys.executable, "-m", "dllm.eval.lm_eval_model", "--model", "dllm", "--model_args",
                         "pretrained=tiny-llada,strategy=threshold,cache=none,threshold=0.9", "--tasks", "dllm_arith",
                         "--include_path", str(task_dir), "--limit", "2", "--batch_size", "2", "--device", "cpu",
                         "--apply_chat_template", "--output_path", str(tmp_path)],

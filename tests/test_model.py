@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cache.base import CachePolicy
+from dllm.cache.base import CachePolicy
 from dllm.canvas import Canvas
 from dllm.models import load_model
 from dllm.models.core import Transformer

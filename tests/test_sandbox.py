@@ -13,8 +13,8 @@ import time
 import pytest
 
 from dllm.errors import InvalidParameterError
-from eval import sandbox
-from eval.sandbox import SandboxLimits, run_many, run_sandboxed
+from dllm.eval import sandbox
+from dllm.eval.sandbox import SandboxLimits, run_many, run_sandboxed
 
 FAST = SandboxLimits(timeout_s=5.0)
 

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from eval.scoring import extract_flexible, extract_strict, is_correct, normalize_number
-from eval.tasks import TASKS, get_task, humaneval_record, to_messages
-from eval.tasks.code_families import FAMILIES
-from eval.tasks.execution import run_program
+from dllm.eval.scoring import extract_flexible, extract_strict, is_correct, normalize_number
+from dllm.eval.tasks import TASKS, get_task, humaneval_record, to_messages
+from dllm.eval.tasks.code_families import FAMILIES
+from dllm.eval.tasks.execution import run_program
 
 NUM_TRAIN = 2000
 

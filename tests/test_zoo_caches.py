@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dllm import LLM, SamplingParams
-from eval.tasks import get_task
-from eval.tasks.chat import to_messages
+from dllm.eval.tasks import get_task
+from dllm.eval.tasks.chat import to_messages
 
 PROBLEMS = 50
 _LLMS: dict = {}

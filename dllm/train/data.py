@@ -18,7 +18,7 @@ class Batch:
 
 def render(tokenizer, problem, end_of_turn: str) -> tuple[list[int], int, int]:
     """(ids, prompt_len, answer_len) for one problem."""
-    from eval.tasks.chat import to_messages
+    from dllm.eval.tasks.chat import to_messages
     prompt = tokenizer.apply_chat_template(to_messages(problem), tokenize=False, add_generation_prompt=True)
     p_ids = tokenizer.encode(prompt, add_special_tokens=False)
     r_ids = tokenizer.encode(problem.target + end_of_turn, add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -29,7 +29,7 @@ class ExampleSet:
     """Rendered examples of several tasks, mixed, sampled in seeded random batches of fixed length."""
 
     def __init__(self, tokenizer, tasks: dict[str, int], seq_len: int, end_of_turn: str, seed: int = 0):
-        from eval.tasks import get_task
+        from dllm.eval.tasks import get_task
         self.rows: list[tuple[list[int], int, int]] = []
         for name, n in tasks.items():
             for problem in get_task(name).generate("train", n):

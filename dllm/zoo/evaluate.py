@@ -47,8 +47,8 @@ def setting(llm, name: str, task: str) -> tuple[str, SamplingParams]:
 def evaluate(path: str, tasks=("arith", "gsm-lite", "code-lite"), settings=SETTINGS, num_problems: int = 200,
              device: str = "auto", batch_size: int = 256) -> list[TaskResult]:
     from dllm.api import LLM
-    from eval.tasks import get_task
-    from eval.tasks.chat import to_messages
+    from dllm.eval.tasks import get_task
+    from dllm.eval.tasks.chat import to_messages
     llms: dict[str, LLM] = {}
     results = []
     for task_name in tasks:
@@ -78,8 +78,8 @@ def evaluate_ar(path: str, tasks=("arith", "gsm-lite", "code-lite"), num_problem
     from transformers import AutoModelForCausalLM
     from dllm.zoo.tokenizer import load_tokenizer
     from dllm.zoo import bundled_path
-    from eval.tasks import get_task
-    from eval.tasks.chat import to_messages
+    from dllm.eval.tasks import get_task
+    from dllm.eval.tasks.chat import to_messages
     path = str(bundled_path(path) or path)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     tok = load_tokenizer(path)  # not AutoTokenizer: see dllm/zoo/tokenizer.py

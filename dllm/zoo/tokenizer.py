@@ -104,7 +104,7 @@ def tokenizer_corpus(num_per_task: int = 5000) -> Iterator[str]:
     """Training texts for the tokenizer: for `num_per_task` train problems of each task in `eval.tasks`,
     the user turn and the assistant turn as the chat template renders them between its special tokens
     (`"user\n" + prompt`, `"assistant\n" + target`). Test problems are never read."""
-    from eval.tasks import TASKS     # eval depends on nothing in dllm; importing here keeps it that way round
+    from dllm.eval.tasks import TASKS     # eval depends on nothing in dllm; importing here keeps it that way round
 
     for name in TASKS:
         for problem in TASKS[name]().generate("train", num_per_task):

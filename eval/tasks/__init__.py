@@ -1,10 +1,10 @@
 """Generated tasks with checkers (arith, gsm-lite, code-lite), looked up by name. See `base.py` for the
 `Problem` record and the `Task` interface (deterministic, disjoint train/test generation; `check`)."""
-from eval.tasks.arith import ArithTask
-from eval.tasks.base import Problem, Task
-from eval.tasks.chat import to_messages
-from eval.tasks.code_lite import CodeLiteTask, humaneval_record
-from eval.tasks.gsm_lite import GsmLiteTask
+from dllm.eval.tasks.arith import ArithTask
+from dllm.eval.tasks.base import Problem, Task
+from dllm.eval.tasks.chat import to_messages
+from dllm.eval.tasks.code_lite import CodeLiteTask, humaneval_record
+from dllm.eval.tasks.gsm_lite import GsmLiteTask
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ArithTask, GsmLiteTask, CodeLiteTask)}
 

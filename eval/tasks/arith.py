@@ -22,8 +22,8 @@ from __future__ import annotations
 import random
 from collections.abc import Hashable
 
-from eval.scoring import extract_strict, is_correct
-from eval.tasks.base import Problem, Task
+from dllm.eval.scoring import extract_strict, is_correct
+from dllm.eval.tasks.base import Problem, Task
 
 
 def _digit(n: int, i: int) -> int:

@@ -6,7 +6,7 @@ assistant turn with the worked solution (a training example).
 """
 from __future__ import annotations
 
-from eval.tasks.base import Problem
+from dllm.eval.tasks.base import Problem
 
 
 def to_messages(problem: Problem, include_target: bool = False) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from eval.tasks import code_inputs as inputs
+from dllm.eval.tasks import code_inputs as inputs
 
 SEPARATORS = (" ", "-", "_", ",", ", ", "+", "/", ":", ";", "|", ".", "*", " - ", " | ", "--", "->", "=", "#", "~",
               "&", " + ", " / ", "; ", "::")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import random
 from collections.abc import Hashable
 
-from eval.tasks.base import Problem, Task
-from eval.tasks.code_families import ARG_NAMES, FAMILIES, Variant
-from eval.tasks.execution import run_program
+from dllm.eval.tasks.base import Problem, Task
+from dllm.eval.tasks.code_families import ARG_NAMES, FAMILIES, Variant
+from dllm.eval.tasks.execution import run_program
 
 NAME_PREFIXES = ("", "get_", "find_", "compute_")
 

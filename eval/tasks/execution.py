@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eval.sandbox import SandboxLimits, run_sandboxed
+from dllm.eval.sandbox import SandboxLimits, run_sandboxed
 
 
 @dataclass(frozen=True)

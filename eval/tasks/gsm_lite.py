@@ -19,9 +19,9 @@ import random
 import re
 from collections.abc import Hashable
 
-from eval.scoring import extract_strict, is_correct
-from eval.tasks.base import Problem, Task
-from eval.tasks.gsm_templates import TEMPLATES, Person, draw_person
+from dllm.eval.scoring import extract_strict, is_correct
+from dllm.eval.tasks.base import Problem, Task
+from dllm.eval.tasks.gsm_templates import TEMPLATES, Person, draw_person
 
 _ANNOTATION = re.compile(r"<<[^>]*>>")
 
