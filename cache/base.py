@@ -33,21 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from dllm.errors import InvalidParameterError
+from dllm.kv import KVBuffers
 from dllm.options import resolve_options
 from dllm.models.spec import ArchConfig, ModelSpec
-
-
-class KVBuffers:
-    """Post-RoPE keys and values of every layer for a batch: k[l], v[l] of shape [B, Hkv, T, D]."""
-
-    def __init__(self, arch: ArchConfig, batch: int, length: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch, arch.num_kv_heads, length, arch.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
-
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.k = [k[keep] for k in self.k]
-        self.v = [v[keep] for v in self.v]
 
 
 @dataclass
@@ -113,6 +101,9 @@ class CachePolicy:
         self.canvas = None
         self.stop_ids: torch.Tensor | None = None
         self.params = None
+        # Where K/V buffers come from: set by the engine to the runner's pool (views that outlive the run);
+        # None allocates fresh buffers.
+        self.kv_source = None
 
     @classmethod
     def resolve_options(cls, options: dict) -> dict:
@@ -139,7 +130,9 @@ class CachePolicy:
                  device: torch.device) -> None:
         self.length, self.shift_logits = length, spec.shift_logits
         if self.needs_buffers:
-            self.buffers = KVBuffers(arch, batch, length + int(self.scratch_column), dtype, device)
+            cols = length + int(self.scratch_column)
+            self.buffers = (self.kv_source(batch, cols) if self.kv_source is not None
+                            else KVBuffers.allocate(arch, batch, cols, dtype, device))
 
     def plan(self, start: int, end: int, step: int, mask) -> ForwardPlan:
         raise NotImplementedError

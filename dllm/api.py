@@ -35,7 +35,8 @@ class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, cache: str = "none", strategy: str = "reference", dtype: str = "auto",
                  device: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
                  max_batch_size: int = 32, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
-                 seed: int = 0, cache_options: dict | None = None, strategy_options: dict | None = None):
+                 seed: int = 0, cache_options: dict | None = None, strategy_options: dict | None = None,
+                 enforce_eager: bool = False):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise InvalidParameterError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         cache_class(cache).resolve_options(dict(cache_options or {}))  # bad names fail before the (long) load
@@ -44,7 +45,7 @@ class LLM:
                                  trust_remote_code=trust_remote_code, load_format=load_format,
                                  skip_tokenizer_init=skip_tokenizer_init, seed=seed)
         self.engine = Engine(self.loaded, cache=cache, strategy=strategy, cache_options=cache_options,
-                             strategy_options=strategy_options)
+                             strategy_options=strategy_options, enforce_eager=enforce_eager)
         self.max_batch_size = max_batch_size
         self._ids = itertools.count()
 
@@ -63,7 +64,7 @@ class LLM:
         requests = self._requests(_as_list(prompts), sampling_params)
         outputs: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(requests), desc="requests", disable=not use_tqdm)
-        for event in self._run(requests):
+        for event in self._run(requests, stream=False):
             if event.output is not None:
                 outputs[event.request_id] = event.output
                 bar.update(1)
@@ -135,13 +136,13 @@ class LLM:
             return None, _token_list(prompt, self.loaded.arch.vocab_size)
         raise InvalidParameterError(f"a prompt must be a string, a list of token ids or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
-    def _run(self, requests: list[Request]) -> Iterator[StreamEvent]:
+    def _run(self, requests: list[Request], stream: bool = True) -> Iterator[StreamEvent]:
         groups: dict[tuple, list[Request]] = {}
         for r in requests:
             groups.setdefault(r.params.batch_key(), []).append(r)
         for group in groups.values():
             for i in range(0, len(group), self.max_batch_size):
-                yield from self.engine.run(group[i:i + self.max_batch_size])
+                yield from self.engine.run(group[i:i + self.max_batch_size], stream=stream)
 
 
 def _as_list(prompts) -> list:

@@ -35,14 +35,18 @@ class AttentionPlan(Protocol):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B, 1, Lq|1, Lk] -> [B, H, Lq, D].
 
-    PyTorch SDPA picks FlashAttention / memory-efficient / math kernels by device, dtype and mask; with no
-    mask the flash kernel is eligible on CUDA.
+    PyTorch SDPA picks the kernel by device, dtype and mask. With no mask every key is visible and the flash
+    kernel runs, reading grouped K/V heads in place (`enable_gqa`, no copy). With a mask the memory-efficient
+    kernel runs; it has no grouped-head support, so K/V heads are expanded first (otherwise SDPA would fall
+    back to the math kernel, which materialises the attention weights).
     """
     groups = q.shape[1] // k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=groups > 1)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def key_padding_mask(key_valid: torch.Tensor | None) -> torch.Tensor | None:

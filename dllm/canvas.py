@@ -88,10 +88,14 @@ class Canvas:
         first_mask, first_stop = torch.stack([first_mask, first_stop]).tolist()
         return first_mask, first_stop
 
-    def generated(self) -> list[list[int]]:
-        """Each row's generation region (max_tokens columns from its start), as lists."""
-        rows = self.tokens.tolist()
-        return [r[s:s + self.max_tokens] for r, s in zip(rows, self.gen_start_cols)]
+    def generated(self, rows: list[int] | None = None) -> list[list[int]]:
+        """The generation regions (max_tokens columns from each row's start) of `rows` (default all), as lists;
+        one transfer of just those rows and columns."""
+        rows = list(range(self.batch_size)) if rows is None else rows
+        starts = [self.gen_start_cols[r] for r in rows]
+        lo, hi = min(starts), max(starts) + self.max_tokens
+        block = self.tokens[rows, lo:hi].tolist()
+        return [r[s - lo:s - lo + self.max_tokens] for r, s in zip(block, starts)]
 
     def block_done(self, first_mask: list[int], end: int) -> bool:
         """Whether no row has a MASK before column `end` (within its first max_tokens generated positions)."""

@@ -26,6 +26,7 @@ from dllm.decoding import strategy_class
 from dllm.canvas import Canvas
 from dllm.errors import InvalidParameterError
 from dllm.models.loader import LoadedModel
+from dllm.runner import ModelRunner
 from dllm.outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamEvent
 from dllm.sampling_params import SamplingParams
 
@@ -54,7 +55,8 @@ class _Row:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, cache: str = "none", strategy: str = "reference",
-                 cache_options: dict | None = None, strategy_options: dict | None = None):
+                 cache_options: dict | None = None, strategy_options: dict | None = None,
+                 enforce_eager: bool = False, runner: ModelRunner | None = None):
         self.loaded, self.cache_name, self.strategy_name = loaded, cache, strategy
         self.model, self.spec, self.tokenizer = loaded.model, loaded.spec, loaded.tokenizer
         cache_class(cache).check(self.spec)  # refuse unknown or unsuitable choices now, not at the first request
@@ -64,6 +66,8 @@ class Engine:
         self.strategy_state = self.strategy_cls.prepare(self.strategy_options, loaded)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
+        # engines that never run at the same time (the server's, one per cache and strategy) share one runner
+        self.runner = runner or ModelRunner.shared(loaded.model, loaded.arch, enforce_eager=enforce_eager)
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """Check `params` against the strategy and the model, and fill the checkpoint's defaults."""
@@ -85,22 +89,23 @@ class Engine:
             raise InvalidParameterError(f"cache '{self.cache_name}' does not support cfg_scale; set cfg_scale=0 "
                                         "or use cache none, prefix or dual")
 
-    def run(self, requests: list[Request]) -> Iterator[StreamEvent]:
-        """Decode `requests` (same batch key) together, yielding newly final text after every step."""
+    def run(self, requests: list[Request], stream: bool = True) -> Iterator[StreamEvent]:
+        """Decode `requests` (same batch key) together, yielding newly final text after every step (`stream`)
+        or only each request's final event (no per-step detokenization)."""
         params = requests[0].params
         if any(r.params.batch_key() != params.batch_key() for r in requests):
             raise InvalidParameterError("requests in one engine batch must share their decoding settings")
         for r in requests:
             self.check_request(r)
         with torch.no_grad():
-            yield from _Run(self, requests).events()
+            yield from _Run(self, requests, stream).events()
 
 
 class _Run:
     """One decoding run over a batch; owns the canvas, the cache policy and the strategy state."""
 
-    def __init__(self, engine: Engine, requests: list[Request]):
-        self.engine, self.spec = engine, engine.spec
+    def __init__(self, engine: Engine, requests: list[Request], stream: bool = True):
+        self.engine, self.spec, self.stream = engine, engine.spec, stream
         self.params = p = requests[0].params
         self.canvas = Canvas([r.prompt_token_ids for r in requests], p.max_tokens, p.block_length, self.spec,
                              engine.device)
@@ -110,6 +115,9 @@ class _Run:
         self.cache = make_cache(engine.cache_name, engine.cache_options)
         self.cfg = p.cfg_scale > 0
         batch = len(requests) * (2 if self.cfg else 1)
+        engine.runner.prepare(batch, self.canvas.length + 1)   # + 1: the scratch column of gathered plans
+        self.cache.kv_source = engine.runner.kv_buffers
+        self._logit_slots: dict[tuple, torch.Tensor] = {}
         self.cache.allocate(batch, self.canvas.length, engine.loaded.arch, self.spec, engine.dtype, engine.device)
         self.num_layers = engine.loaded.arch.num_layers
         self.kv_steps: list[torch.Tensor] = []   # [steps, rows] chunks: token x layer K/V computed per step
@@ -159,20 +167,12 @@ class _Run:
             mask = _doubled(c.attn_mask)
         plan = self.cache.plan(start, end, step, mask)
         if plan.index is not None:  # the policy names the fed columns per row and where each block logit comes from
-            logits = self.engine.model(tokens.gather(1, plan.index), positions.gather(1, plan.index), plan,
-                                       logits_index=plan.logits_index)
-            fed = plan.index.shape[1]
+            ids, pos, logits_index = tokens.gather(1, plan.index), positions.gather(1, plan.index), plan.logits_index
         else:
-            # Shifted logits (Dream): position i is read from hidden state i - 1. When the plan does not feed
-            # i - 1 for the block's first position, that position reads its own logits, as Fast-dLLM's cached
-            # Dream path does (the position is committed at the block start, so the value is never used).
-            shift = int(self.spec.shift_logits)
-            lo = max(start - shift, plan.start)
-            logits = self.engine.model(tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end], plan,
-                                       logits_range=(lo - plan.start, end - shift - plan.start))
-            if lo > start - shift:
-                logits = torch.cat([logits[:, :1], logits], dim=1)
-            fed = plan.end - plan.start
+            ids, pos = tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end]
+            logits_index = self._slice_logits(start, end, plan.start, ids.shape[0])
+        logits = self.engine.runner.forward(ids, pos, plan, logits_index)
+        fed = ids.shape[1]
         done = plan.kv_computations if plan.kv_computations is not None else fed * self.num_layers
         rows = len(self.rows)
         self.kv_steps.append(done[None, :rows] if torch.is_tensor(done) else
@@ -182,22 +182,38 @@ class _Run:
             logits = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
         return logits, plan
 
+    def _slice_logits(self, start: int, end: int, fed_start: int, rows: int) -> torch.Tensor:
+        """For a forward fed canvas[:, fed_start:...], the fed slot each block column's logits come from.
+
+        Shifted logits (Dream): position i is read from hidden state i - 1. When the plan does not feed i - 1 for
+        the block's first position, that position reads its own logits, as Fast-dLLM's cached Dream path does
+        (the position is committed at the block start, so the value is never used)."""
+        key = (start, end, fed_start, rows)
+        if key not in self._logit_slots:
+            shift = int(self.spec.shift_logits)
+            cols = torch.arange(start - shift, end - shift, device=self.engine.device).clamp(min=fed_start)
+            self._logit_slots[key] = (cols - fed_start).expand(rows, -1)
+        return self._logit_slots[key]
+
     def _emit(self, block: int, first_mask: list[int], first_stop: list[int], final: bool = False):
-        """Yield newly final text per row; finish rows whose stop token is final or whose region is full."""
-        done = []
-        generated = None
+        """Yield newly final text per row (every row with new final tokens when streaming, else only finished
+        rows); finish rows whose stop token is final or whose region is full."""
+        done, updates = [], []
         size = self.canvas.max_tokens
         for i, row in enumerate(self.rows):
             stopped = first_stop[i] < first_mask[i]
             final_len = first_stop[i] + 1 if stopped else first_mask[i]
             finished = stopped or final or final_len >= size
-            if final_len > row.emitted_tokens or finished:
-                if generated is None:
-                    generated = self.canvas.generated()
-                row.token_ids = generated[i][:final_len]
-                yield self._event(row, block, stopped, finished)
+            if finished or (self.stream and final_len > row.emitted_tokens):
+                updates.append((i, final_len, stopped, finished))
             if finished:
                 done.append(i)
+        if updates:
+            generated = self.canvas.generated([i for i, *_ in updates])
+            for (i, final_len, stopped, finished), ids in zip(updates, generated):
+                row = self.rows[i]
+                row.token_ids = ids[:final_len]
+                yield self._event(row, block, stopped, finished)
         if done:
             self._select_rows([i for i in range(len(self.rows)) if i not in done])
 

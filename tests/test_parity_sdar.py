@@ -104,13 +104,13 @@ def test_block_cache_writes_each_finished_block_once(tiny_sdar):
     from dllm import LLM
     llm = LLM(str(tiny_sdar), cache="block")
     fed = []
-    forward = llm.loaded.model.forward
+    forward = llm.engine.runner.forward
 
-    def record(ids, positions, plan=None, logits_range=None):
+    def record(ids, positions, plan, logits_index):
         fed.append((plan.start, plan.end, plan.read_end))
-        return forward(ids, positions, plan, logits_range)
+        return forward(ids, positions, plan, logits_index)
 
-    llm.loaded.model.forward = record
+    llm.engine.runner.forward = record
     llm.generate([prompt(6, 1)], SamplingParams(max_tokens=8, block_length=4, steps=4, remasking="sequential",
                                                 temperature=0, ignore_eos=True))
     # prompt 6 tokens: decoded blocks are columns [4, 8) (2 prompt tokens + 2 masks), [8, 12), [12, 16)

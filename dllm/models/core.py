@@ -11,6 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from dllm import ops
 from dllm.attention import AttentionPlan, attend
 from dllm.models.spec import ArchConfig
 
@@ -25,41 +26,39 @@ class RMSNorm(nn.Module):
         self.eps, self.weight_fp32 = eps, weight_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight_fp32:
-            return (self.weight.float() * x).to(dtype)
-        return self.weight * x.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps, self.weight_fp32)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)) in one pass."""
+        return ops.add_rms_norm(x, delta, self.weight, self.eps, self.weight_fp32)
 
 
 class Rotary(nn.Module):
     """NeoX / Hugging Face rotate-half RoPE, inv_freq = 1 / theta^(2i/d), angles computed in float32.
 
-    Angles are computed from the positions of each forward (an outer product, as LLaDA's table is), so no
-    table has to be sized ahead and nothing synchronises with the host.
+    A forward rotates by rows of a cos/sin table: either the runner's precomputed table indexed by position
+    (no per-step trigonometry, graph-friendly), or, for a caller that gives none, a table of the forward's own
+    positions computed on the spot. Both give the same values: the same float32 outer product, then cos/sin.
     """
 
     def __init__(self, head_dim: int, theta: float, full_precision: bool):
         super().__init__()
         self.head_dim, self.theta, self.full_precision = head_dim, theta, full_precision
 
-    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, L] -> cos, sin [B, 1, L, D] in float32."""
-        exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float) / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponent)
-        freqs = positions.float()[..., None] * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return angles.cos(), angles.sin()
+    def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, D] float32 for positions 0..length-1."""
+        return ops.rope_table(length, self.head_dim, self.theta, device)
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if self.full_precision:
-            x = x.float()
-        else:
-            cos, sin = cos.to(dtype), sin.to(dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(dtype)
+    def inputs(self, positions: torch.Tensor, table: tuple | None) -> tuple:
+        """(row index [B, L], cos table, sin table) for `ops.rope`."""
+        if table is not None:
+            return (positions, *table)
+        b, n = positions.shape
+        exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float) / self.head_dim
+        freqs = positions.reshape(-1).float()[:, None] * (1.0 / (self.theta ** exponent))
+        angles = torch.cat((freqs, freqs), dim=-1)                                  # [B * L, D]
+        rows = torch.arange(b * n, device=positions.device).view(b, n)
+        return rows, angles.cos(), angles.sin()
 
 
 class Attention(nn.Module):
@@ -70,19 +69,33 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.qkv_proj: nn.Linear | None = None   # set by `fuse()`: one matmul instead of three
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_fp32) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_fp32) if cfg.qk_norm else None
 
+    def fuse(self) -> None:
+        if self.qkv_proj is None:
+            self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
+            self.q_proj = self.k_proj = self.v_proj = None
+
+    def project(self, x: torch.Tensor):
+        b, n, _ = x.shape
+        if self.qkv_proj is not None:
+            d = self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(b, n, self.num_heads, self.head_dim), k.view(b, n, self.num_kv_heads, self.head_dim),
+                v.view(b, n, self.num_kv_heads, self.head_dim))
+
     def forward(self, x, rotary: Rotary, rope: tuple, plan: AttentionPlan | None, layer: int) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)                                  # [B, L, H|Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rotary.rotate(q.transpose(1, 2), *rope)  # [B, H, L, D]
-        k = rotary.rotate(k.transpose(1, 2), *rope)  # [B, Hkv, L, D]
+        q, k = ops.rope(q, k, *rope, rotary.full_precision)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H|Hkv, L, D] views
         if plan is None:
             out = attend(q, k, v, None)
         elif hasattr(plan, "attention"):     # a plan that inspects or reshapes attention (e.g. Elastic-Cache)
@@ -98,9 +111,17 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None   # set by `fuse()`
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def fuse(self) -> None:
+        if self.gate_up_proj is None:
+            self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
+            self.gate_proj = self.up_proj = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -113,8 +134,18 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rotary, rope, plan, layer):
-        x = x + self.attn(self.attn_norm(x), rotary, rope, plan, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        h, normed = self.mlp_norm.add_forward(x, self.attn(self.attn_norm(x), rotary, rope, plan, layer))
+        return h + self.mlp(normed)
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the parts' outputs concatenated (weights stacked on the output dimension)."""
+    weight = torch.cat([p.weight for p in parts])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
 
 
 class Transformer(nn.Module):
@@ -131,22 +162,32 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def fuse(self) -> "Transformer":
+        """Fuse q/k/v and gate/up into one matmul each (inference; the checkpoint's names stay those of the parts
+        until this is called, so loading, training and export are unaffected). Idempotent."""
+        for layer in self.layers:
+            layer.attn.fuse()
+            layer.mlp.fuse()
+        return self
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan | None = None,
-                logits_range: tuple[int, int] | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_range: tuple[int, int] | None = None, logits_index: torch.Tensor | None = None,
+                rope_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids, positions [B, L] -> logits [B, L', V] for the fed positions in `logits_range` (a slice) or
-        `logits_index` ([B, L'] indices into the fed positions), default all L.
+        `logits_index` ([B, L'] indices into the fed positions), default all L. `rope_table`: cos, sin [P, D]
+        covering every position fed (the runner's); None computes the angles of `positions` on the spot.
 
         A plan with `layer_input(layer, x, positions)` may change, before each layer, which hidden states go
         through it (e.g. Elastic-Cache switching from a window to every position); it returns (x, positions)
         and the rotary angles follow the positions."""
         x = self.embed(input_ids)
-        rope = self.rotary.angles(positions)
+        rope = self.rotary.inputs(positions, rope_table)
         layer_input = getattr(plan, "layer_input", None)
         for i, layer in enumerate(self.layers):
             if layer_input is not None:
                 x, new_positions = layer_input(i, x, positions)
                 if new_positions is not positions:
-                    positions, rope = new_positions, self.rotary.angles(new_positions)
+                    positions, rope = new_positions, self.rotary.inputs(new_positions, rope_table)
             x = layer(x, self.rotary, rope, plan, i)
         if layer_input is not None:
             x, _ = layer_input(len(self.layers), x, positions)

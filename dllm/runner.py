@@ -1,0 +1,256 @@
+"""The model runner: owns the model (fused for inference), the K/V storage, the rotary table and the CUDA graphs,
+and runs one forward for the engine.
+
+What it knows: shapes, buffers and graphs. What it must not know: who runs (the engine decides), which K/V to
+reuse (the cache policy's plan says), which tokens to commit (the strategy). The engine hands it the fed tokens
+and positions, the policy's plan and the fed slot each block logit is read from; it returns the logits.
+
+Every forward of a graph-friendly plan (a `ForwardPlan` over a slice, an `IndexedPlan` over gathered columns) is
+run in one canonical form: the fed tokens' K/V are scattered into the K/V buffers at per-row columns (a device
+tensor, so the block's position is not baked into the graph), every layer attends to the whole buffer, and the
+plan's key range and mask become one boolean mask over it (none at all when every key is visible: the flash
+path). So a shape (batch bucket, fed width, buffer length, mask shape, logit count) names one graph, reused by
+every block and by every run of the same canvas length. Plans with per-layer hooks (Elastic-Cache) run eagerly.
+
+Graphs are captured lazily, on the second forward of a shape (the first runs eagerly and warms the kernels up;
+a shape seen once is never captured). On CUDA a batch is padded to its bucket (1, 2, 4, 8, ...) on both paths,
+so the eager path (`enforce_eager=True`) runs exactly the kernels a graph replays. The CPU always runs eagerly and
+unpadded.
+
+K/V storage is one pool per runner: per layer [slots, Hkv, max_len, D], allocated on the first run and grown (by
+reallocation, which drops the graphs) when a run needs more rows or columns; runs take views of it, so the
+graphs' addresses stay valid from run to run. Logits returned by a graph live in its static output: they are
+valid until the next forward.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from dllm.kv import KVBuffers, KVPool
+from dllm.models.core import Transformer
+from dllm.models.spec import ArchConfig
+
+logger = logging.getLogger(__name__)
+
+_LENGTH_GRAIN = 256      # pool columns are allocated in multiples of this
+DEFAULT_MAX_GRAPHS = 64
+
+
+def batch_bucket(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _StepPlan:
+    """The canonical attention plan of a runner forward: scatter the fed K/V at `write` [B, W] (None: no
+    buffers, attend to the fed tokens themselves) and attend to the buffers under `attn_mask` (None: all)."""
+
+    def __init__(self, write: torch.Tensor | None, attn_mask: torch.Tensor | None, buffers: KVBuffers | None):
+        self.write, self.attn_mask, self.buffers = write, attn_mask, buffers
+
+    def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.write is None:
+            return k, v
+        kb, vb = self.buffers.k[layer], self.buffers.v[layer]
+        where = self.write[:, None, :, None].expand(-1, kb.shape[1], -1, kb.shape[3])
+        kb.scatter_(2, where, k)
+        vb.scatter_(2, where, v)
+        return kb, vb
+
+
+@dataclass
+class _Inputs:
+    """One forward in canonical form, rows padded to `batch` (the bucket)."""
+
+    ids: torch.Tensor            # [B, W]
+    positions: torch.Tensor      # [B, W]
+    logits_index: torch.Tensor   # [B, Lq]
+    write: torch.Tensor | None   # [B, W]
+    mask: torch.Tensor | None    # [B, 1, W|1, K]
+    buffers: KVBuffers | None    # views of [B] rows
+
+    def key(self) -> tuple:
+        return (tuple(self.ids.shape), self.logits_index.shape[1], self.write is not None,
+                None if self.mask is None else tuple(self.mask.shape),
+                None if self.buffers is None else tuple(self.buffers.k[0].shape))
+
+
+class _Graph:
+    """A captured forward with its static inputs and output."""
+
+    def __init__(self, runner: "ModelRunner", inputs: _Inputs):
+        self.static = _Inputs(inputs.ids.clone(), inputs.positions.clone(), inputs.logits_index.clone(),
+                              None if inputs.write is None else inputs.write.clone(),
+                              None if inputs.mask is None else inputs.mask.clone(), inputs.buffers)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            self.out = runner.run_eager(self.static)
+
+    def replay(self, inputs: _Inputs) -> torch.Tensor:
+        s = self.static
+        s.ids.copy_(inputs.ids)
+        s.positions.copy_(inputs.positions)
+        s.logits_index.copy_(inputs.logits_index)
+        if s.write is not None:
+            s.write.copy_(inputs.write)
+        if s.mask is not None:
+            s.mask.copy_(inputs.mask)
+        self.graph.replay()
+        return self.out
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, arch: ArchConfig, enforce_eager: bool = False,
+                 max_graphs: int = DEFAULT_MAX_GRAPHS):
+        self.model = model.fuse()
+        self.arch = arch
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.on_cuda = self.device.type == "cuda"
+        self.use_graphs = self.on_cuda and not enforce_eager
+        self.pool: KVPool | None = None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.seen: dict[tuple, int] = {}
+        self.max_graphs = max_graphs
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.capture_seconds = 0.0
+        self.num_captures = 0
+
+    @classmethod
+    def shared(cls, model: Transformer, arch: ArchConfig, enforce_eager: bool = False) -> "ModelRunner":
+        """The runner of `model` (one per model and eager setting): engines over one model that never run at the
+        same time (the server's, one per cache and strategy) share its storage and graphs."""
+        runners = model.__dict__.setdefault("_dllm_runners", {})   # dies with the model
+        if enforce_eager not in runners:
+            runners[enforce_eager] = cls(model, arch, enforce_eager=enforce_eager)
+        return runners[enforce_eager]
+
+    # ------------------------------------------------------------------ storage
+
+    def prepare(self, rows: int, length: int) -> None:
+        """Make room for a run of `rows` rows over `length` columns (K/V pool and rotary table)."""
+        slots = batch_bucket(rows) if self.on_cuda else rows
+        if self.pool is None or self.pool.slots < slots or self.pool.length < length:
+            old = self.pool
+            slots = max(slots, old.slots if old else 0)
+            cols = max(-(-length // _LENGTH_GRAIN) * _LENGTH_GRAIN, old.length if old else 0)
+            self.pool = None
+            self.clear_graphs()
+            self.pool = KVPool(self.arch, slots, cols, self.dtype, self.device)
+        if self.rope is None or self.rope[0].shape[0] < self.pool.length:
+            self.rope = self.model.rotary.table(self.pool.length, self.device)
+
+    def kv_buffers(self, rows: int, length: int) -> KVBuffers:
+        """Views of the pool for a run (after `prepare`)."""
+        return self.pool.view(rows, length)
+
+    def clear_graphs(self) -> None:
+        self.graphs.clear()
+        self.seen.clear()
+
+    def stats(self) -> dict:
+        return {"graphs": len(self.graphs), "captures": self.num_captures,
+                "capture_seconds": round(self.capture_seconds, 3),
+                "kv_pool_bytes": self.pool.nbytes if self.pool else 0,
+                "graph_pool_bytes": _pool_bytes(self.graph_pool) if self.graph_pool is not None else 0}
+
+    # ------------------------------------------------------------------ forwards
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, plan, logits_index: torch.Tensor) -> torch.Tensor:
+        """ids, positions [B, W] (the fed columns), `plan` the cache policy's, logits_index [B, Lq] (the fed slot
+        each returned logit is read from) -> logits [B, Lq, V]."""
+        if hasattr(plan, "attention") or hasattr(plan, "layer_input"):
+            return self.model(ids, positions, plan, logits_index=logits_index, rope_table=self.rope)
+        inputs = self._canonical(ids, positions, plan, logits_index)
+        rows = ids.shape[0]
+        if not self.use_graphs:
+            return self.run_eager(inputs)[:rows]
+        return self._graphed(inputs)[:rows]
+
+    def run_eager(self, inputs: _Inputs) -> torch.Tensor:
+        plan = _StepPlan(inputs.write, inputs.mask, inputs.buffers)
+        return self.model(inputs.ids, inputs.positions, plan, logits_index=inputs.logits_index, rope_table=self.rope)
+
+    def _graphable(self, buffers: KVBuffers | None) -> bool:
+        """Graphs capture addresses: only the runner's own pool (or no buffers at all) stays put between runs."""
+        return buffers is None or (self.pool is not None and self.pool.owns(buffers))
+
+    def _graphed(self, inputs: _Inputs) -> torch.Tensor:
+        if not self._graphable(inputs.buffers):
+            return self.run_eager(inputs)
+        key = inputs.key()
+        graph = self.graphs.get(key)
+        if graph is not None:
+            self.graphs.move_to_end(key)
+            return graph.replay(inputs)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if self.seen[key] < 2:
+            return self.run_eager(inputs)
+        t = time.perf_counter()
+        graph = _Graph(self, inputs)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - t
+        self.num_captures += 1
+        self.graphs[key] = graph
+        if len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        logger.debug("captured a graph for %s", key)
+        return graph.replay(inputs)
+
+    # ------------------------------------------------------------------ the canonical form
+
+    def _canonical(self, ids, positions, plan, logits_index) -> _Inputs:
+        rows, width = ids.shape
+        buffers = plan.buffers
+        if buffers is None:                                   # no cache: attend to the fed tokens
+            write, mask, length = None, plan.attn_mask, width
+        elif plan.index is not None:                          # gathered columns (IndexedPlan)
+            write, mask, length = plan.write, plan.attn_mask, buffers.k[0].shape[2]
+        else:                                                 # a slice [start, end) reading keys [0, read_end)
+            length = buffers.k[0].shape[2]
+            cols = torch.arange(plan.start, plan.end, device=ids.device)
+            write = cols.expand(rows, -1)
+            mask = _pad_keys(plan.attn_mask, plan.read_end, length, rows, ids.device)
+        padded = batch_bucket(rows) if self.on_cuda else rows
+        if padded != rows and self._graphable(buffers):
+            ids, positions, logits_index, write, mask = (_pad_rows(t, padded) for t in
+                                                         (ids, positions, logits_index, write, mask))
+            if buffers is not None:
+                buffers = self.pool.view(padded, length)
+        return _Inputs(ids, positions, logits_index, write, mask, buffers)
+
+
+def _pad_keys(mask: torch.Tensor | None, read_end: int, length: int, rows: int,
+              device: torch.device) -> torch.Tensor | None:
+    """A mask over keys [0, read_end) -> one over the whole buffer [0, length), keys past read_end hidden."""
+    if mask is None and read_end == length:
+        return None
+    lq = 1 if mask is None else mask.shape[2]
+    full = torch.zeros(rows, 1, lq, length, dtype=torch.bool, device=device)
+    full[..., :read_end] = True if mask is None else mask
+    return full
+
+
+def _pad_rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """Extend dim 0 to `rows` by repeating row 0 (padding rows compute something harmless and are dropped)."""
+    if t is None:
+        return None
+    if t.shape[0] == 1 and t.dim() == 4:   # a mask broadcast over rows stays broadcast
+        return t
+    extra = t[:1].expand(rows - t.shape[0], *t.shape[1:])
+    return torch.cat([t, extra])
+
+
+def _pool_bytes(pool) -> int:
+    """Bytes the CUDA caching allocator holds for a graph memory pool (0 when it cannot tell)."""
+    try:
+        snapshot = torch.cuda.memory_snapshot()
+    except Exception:  # pragma: no cover - allocator introspection is best effort
+        return 0
+    return sum(seg["total_size"] for seg in snapshot if tuple(seg.get("segment_pool_id", ())) == tuple(pool))

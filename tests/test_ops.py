@@ -1,0 +1,71 @@
+"""The fused Triton kernels of `dllm/ops.py` against their eager definitions, run on the CPU under Triton's
+interpreter (TRITON_INTERPRET=1, in a subprocess: the variable must be set before Triton is imported). On a GPU
+the same kernels are compiled; tests/test_gpu.py checks them there.
+
+The interpreter emulates bfloat16 by truncating float32 (the GPU rounds to nearest even), so bit-exactness is
+asserted in float32 and closeness in bfloat16."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent('''
+    import torch
+    from dllm import ops
+    ops.FORCE_TRITON = True
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype):
+        return (torch.randn(*shape, generator=g) * 3).to(dtype)
+
+    def same(a, b, dtype):
+        if dtype == torch.float32:
+            assert torch.equal(a, b)
+        else:
+            close(a, b, dtype)
+
+    def close(a, b, dtype):
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < tol, err
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for weight_fp32 in (False, True):
+            x, w = rand(3, 5, 48, dtype=dtype), rand(48, dtype=dtype)
+            close(ops.rms_norm(x, w, 1e-6, weight_fp32), ops.rms_norm_eager(x, w, 1e-6, weight_fp32), dtype)
+            d = rand(3, 5, 48, dtype=dtype)
+            total, normed = ops.add_rms_norm(x, d, w, 1e-6, weight_fp32)
+            same(total, x + d, dtype)
+            close(normed, ops.rms_norm_eager(x + d, w, 1e-6, weight_fp32), dtype)
+            strided = rand(4, 7, 2, 32, dtype=dtype)[:, :, 1]          # rows with a stride, as q/k norms see
+            close(ops.rms_norm(strided, w[:32], 1e-6, weight_fp32),
+                  ops.rms_norm_eager(strided, w[:32], 1e-6, weight_fp32), dtype)
+        gu = rand(2, 3, 2 * 40, dtype=dtype)
+        gate, up = gu.chunk(2, -1)
+        close(ops.silu_mul(gu), torch.nn.functional.silu(gate) * up, dtype)
+        cos, sin = ops.rope_table(64, 16, 10000.0, torch.device("cpu"))
+        qkv = rand(2, 9, 6 + 2 + 2, 16, dtype=dtype)                      # q, k, v heads side by side
+        q, k = qkv[:, :, :6], qkv[:, :, 6:8]
+        pos = torch.randint(0, 64, (2, 9), generator=g)
+        for full in (True, False):
+            qr, kr = ops.rope(q, k, pos, cos, sin, full)
+            c, s = cos[pos][:, :, None], sin[pos][:, :, None]
+            want_q, want_k = ops.rope_eager(q, c, s, full), ops.rope_eager(k, c, s, full)
+            assert qr.is_contiguous() and kr.is_contiguous()
+            same(qr, want_q, dtype)
+            same(kr, want_k, dtype)
+    print("ok")
+''')
+
+
+def test_kernels_match_eager_ops():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
