@@ -1,13 +1,22 @@
-"""Denoising step time of a real-shape model (random weights) per cache policy and batch size.
+"""Denoising step time of real-shape models (random weights) per family, cache, batch size and runner mode.
 
-Builds the model from a checkpoint directory's config.json (default: the real LLaDA-8B-Instruct config in
-../shared) with `load_format="dummy"`, decodes random prompts through the public API with the reference
-strategy at one token a step (random weights are never confident, so every strategy commits one token a step),
-and reports ms per denoising step and tokens/s. It also times the two kinds of forward a cached block makes
-(full canvas at block start, the short window after) and measures the device's copy bandwidth, which gives the
-weight-read floor of one step: bytes of weights / bandwidth.
+Builds each model from a checkpoint directory's config.json (LLaDA-8B-Instruct, Dream-v0-Instruct-7B,
+SDAR-8B-Chat; `--config-root` holds one directory per model) with `load_format="dummy"`, decodes random prompts
+through the public API with the reference strategy at one token a step (random weights are never confident, so
+every strategy would commit one token a step), `ignore_eos`, and reports per (family, cache, batch, mode):
 
-    python benchmarks/step_time.py --device cuda --batch-sizes 1 8
+- ms per denoising step = generate() wall time / NFE (block starts, sampling and the engine loop included);
+- the two forwards of a cached block timed alone (block start: the policy's step-0 plan; in block: its step-1
+  plan), and the step time the engine would have with no overhead beyond them;
+- step / floor, floor = bytes of weights / measured device copy bandwidth (read + write counted);
+- tokens/s (aggregate and per request), peak GPU memory, graphs captured and their capture time.
+
+Modes: `graph` (CUDA graphs, the default runner) and `eager` (`enforce_eager=True`, the same kernels launched
+one by one). Expensive settings (the no-cache step and big batches) decode a shorter answer on the same canvas
+length (prompt + gen kept; the row's `gen` says what ran), which leaves the per-step cost of none/dual/block
+unchanged (one full forward a step, or one block start per block).
+
+    python benchmarks/step_time.py --config-root tests/data/checkpoints --batch-sizes 1 8 32 64
 
 Prints a table, then one JSON object as the last line.
 """
@@ -26,115 +35,185 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dllm.cache import make_cache  # noqa: E402
 from dllm import LLM, SamplingParams  # noqa: E402
+from dllm.cache import CACHES, make_cache  # noqa: E402
+from dllm.canvas import Canvas  # noqa: E402
+from dllm.engine import Engine  # noqa: E402
 
-DEFAULT_CONFIG = REPO.parent / "shared" / "data" / "checkpoints" / "LLaDA-8B-Instruct"
+MODELS = {"llada": "LLaDA-8B-Instruct", "dream": "Dream-v0-Instruct-7B", "sdar": "SDAR-8B-Chat"}
+# (gen length, block length) of the issue's setting per family
+SHAPES = {"llada": (256, 32), "dream": (128, 32), "sdar": (128, 4)}
+BIG_BATCH = 32   # from here on, short runs (see the module docstring)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+DEVICE = "cuda"
 
 
-def copy_bandwidth(device, size_bytes=2 << 30, repeats=10) -> float:
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(size_bytes=2 << 30, repeats=20) -> float:
     """Bytes moved per second by a device-to-device copy (read + write counted)."""
-    src = torch.empty(size_bytes // 2, dtype=torch.bfloat16, device=device)
+    if DEVICE != "cuda":
+        size_bytes, repeats = 1 << 26, 3
+    src = torch.empty(size_bytes // 2, dtype=torch.bfloat16, device=DEVICE).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)
-    sync(device)
+    sync()
     t = time.perf_counter()
     for _ in range(repeats):
         dst.copy_(src)
-    sync(device)
+    sync()
     return 2 * size_bytes * repeats / (time.perf_counter() - t)
 
 
-def time_forward(llm, batch, length, start, end, cache_name, step, repeats):
-    """Mean seconds of one model forward as `cache_name` plans it at block step `step`."""
-    model, arch = llm.loaded.model, llm.loaded.arch
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    policy = make_cache(cache_name)
-    policy.allocate(batch, length, arch, llm.loaded.spec, dtype, device)
-    tokens = torch.randint(0, arch.vocab_size, (batch, length), device=device)
-    positions = torch.arange(length, device=device).expand(batch, length)
-    plan = policy.plan(start, end, step, lambda *_: None)  # no padding: every key visible
-    run = lambda: model(tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end], plan,  # noqa: E731
-                        logits_range=(start - plan.start, end - plan.start))
-    with torch.no_grad():
-        run()
-        sync(device)
+def caches_for(family: str, wanted: list[str] | None) -> list[str]:
+    attention = "block_causal" if family == "sdar" else "full"
+    names = [n for n, cls in CACHES.items() if attention in cls.attentions]
+    return [n for n in names if wanted is None or n in wanted]
+
+
+def time_forward(engine: Engine, prompt_len: int, batch: int, gen: int, block: int, step: int,
+                 repeats: int) -> float:
+    """Median ms of one runner forward as the engine's cache policy plans the first decoded block at block step
+    `step` (the block-causal family: the second decoded block, so the block start also stores the block before)."""
+    loaded, runner = engine.loaded, engine.runner
+    canvas = Canvas([[2] * prompt_len] * batch, gen, block, loaded.spec, engine.device)
+    policy = make_cache(engine.cache_name, engine.cache_options)
+    runner.prepare(batch, canvas.length + 1)
+    policy.kv_source = runner.kv_buffers
+    policy.allocate(batch, canvas.length, loaded.arch, loaded.spec, engine.dtype, engine.device)
+    policy.attach(canvas)
+    first = 1 if canvas.block_causal else 0
+    start, end = canvas.block(first)
+    if canvas.block_causal:
+        policy.stored_until = start - block
+    plan = policy.plan(start, end, step, canvas.attn_mask)
+    ids, pos = canvas.tokens[:, plan.start:plan.end], canvas.positions[:, plan.start:plan.end]
+    shift = int(loaded.spec.shift_logits)
+    index = (torch.arange(start - shift, end - shift, device=DEVICE).clamp(min=plan.start) - plan.start)
+    index = index.expand(batch, -1)
+    times = []
+    for i in range(repeats + 2):
+        sync()
         t = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        sync(device)
-    return (time.perf_counter() - t) / repeats
+        runner.forward(ids, pos, plan, index)
+        sync()
+        if i >= 2:   # the first two calls run eagerly / capture
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def run_setting(llm: LLM, family: str, cache: str, batch: int, mode: str, args, floor_ms: float) -> dict:
+    gen, block = SHAPES[family]
+    prompt_len = args.prompt_len
+    length = prompt_len + gen
+    short = cache == "none" and batch > 1 or batch >= BIG_BATCH
+    run_gen = min(gen, (2 if cache != "none" else 1) * max(block, 32)) if short else gen
+    run_prompt = length - run_gen                              # same canvas length
+    engine = Engine(llm.loaded, cache=cache, strategy="reference", enforce_eager=(mode == "eager"))
+    llm.engine = engine
+    g = torch.Generator().manual_seed(batch)
+    vocab = llm.loaded.arch.vocab_size
+    prompts = [torch.randint(2, vocab - 2, (run_prompt,), generator=g).tolist() for _ in range(batch)]
+    # one token a step; Dream's maskgit_plus rule (its default `origin` commits a random count per step)
+    extra = {"alg": "maskgit_plus"} if family == "dream" else {}
+    sp = SamplingParams(max_tokens=run_gen, block_length=block, steps=run_gen if family != "sdar" else block,
+                        ignore_eos=True, temperature=0, **extra)
+    llm.generate(prompts, sp)                                  # warm-up: kernels compiled, graphs captured
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    sync()
+    wall = time.perf_counter() - t
+    nfe = outs[0].metrics.nfe
+    ms = wall / nfe * 1e3
+    full_ms = in_ms = float("nan")
+    if cache in ("none", "prefix", "dual", "block"):
+        full_ms = time_forward(engine, run_prompt, batch, run_gen, block, 0, 5)
+        in_ms = time_forward(engine, run_prompt, batch, run_gen, block, 1, 10) if cache != "none" else full_ms
+    model_ms = (full_ms + (block - 1) * in_ms) / block         # one token a step: `block` steps a block
+    stats = engine.runner.stats()
+    return {"family": family, "cache": cache, "batch": batch, "mode": mode, "prompt": run_prompt, "gen": run_gen,
+            "block": block, "nfe": nfe, "wall_s": round(wall, 3), "ms_per_step": round(ms, 2),
+            "block_start_forward_ms": _r(full_ms), "in_block_forward_ms": _r(in_ms),
+            "forwards_only_ms_per_step": _r(model_ms),
+            "engine_overhead": _r(ms / model_ms - 1 if model_ms == model_ms else float("nan"), 3),
+            "floor_ms": round(floor_ms, 2), "step_over_floor": round(ms / floor_ms, 2),
+            "tokens_per_s": round(batch * run_gen / wall, 1), "tokens_per_s_per_request": round(run_gen / wall, 1),
+            "peak_gpu_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if DEVICE == "cuda" else None,
+            "graphs": stats["graphs"], "capture_s": stats["capture_seconds"],
+            "kv_pool_GB": round(stats["kv_pool_bytes"] / 1e9, 2), "graph_pool_GB": round(stats["graph_pool_bytes"] / 1e9, 2)}
+
+
+def _r(x: float, digits: int = 2):
+    return None if x != x else round(x, digits)
+
+
+def modes_for(cache: str, batch: int, wanted: list[str]) -> list[str]:
+    if cache == "elastic":                      # per-layer hooks: always eager
+        return ["eager"] if "eager" in wanted else []
+    if cache == "none" and batch >= BIG_BATCH:  # compute-bound: graphs change nothing measurable
+        return ["graph"] if "graph" in wanted else wanted[:1]
+    return wanted
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-dir", default=str(DEFAULT_CONFIG), help="directory with the real config.json")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--caches", nargs="+", default=["none", "prefix", "dual"])
-    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--config-root", default=str(REPO / "tests" / "data" / "checkpoints"),
+                    help="directory with one sub-directory per model holding its real config.json")
+    ap.add_argument("--families", nargs="+", default=list(MODELS))
+    ap.add_argument("--caches", nargs="+", default=None, help="default: every cache the family serves")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--modes", nargs="+", default=["eager", "graph"])
+    ap.add_argument("--max-batch-for", nargs="*", default=["prefix=8", "freecache=8", "dkv=8", "elastic=8"],
+                    help="cache=N: skip batches above N for the costly caches (their step depends on the state)")
     ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--gen-length", type=int, default=256)
-    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda", help="cuda (what the figures mean); cpu only to smoke-test the script")
     ap.add_argument("--output", default=None, help="also write the JSON result here")
     args = ap.parse_args()
+    limits = {k: int(v) for k, v in (item.split("=") for item in args.max_batch_for)}
+    global DEVICE
+    DEVICE = args.device
 
-    work = pathlib.Path(tempfile.mkdtemp())
-    for name in ("config.json", "generation_config.json"):
-        if (pathlib.Path(args.config_dir) / name).is_file():
-            shutil.copy(pathlib.Path(args.config_dir) / name, work / name)
-    device = torch.device(args.device)
-    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {gpu}, torch {torch.__version__}, dtype {args.dtype}, prompt {args.prompt_len}, "
-          f"gen {args.gen_length}, block {args.block_length}, one token a step")
-    results = []
-    T, P, G, Lb = args.prompt_len + args.gen_length, args.prompt_len, args.gen_length, args.block_length
-    for cache in args.caches:
-        llm = LLM(str(work), cache=cache, strategy="reference", dtype=args.dtype, device=args.device,
-                  load_format="dummy", skip_tokenizer_init=True)
+    bandwidth = copy_bandwidth()
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"device {gpu}, torch {torch.__version__}, dtype {args.dtype}, prompt {args.prompt_len}, one token a step, "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    results, models = [], {}
+    for family in args.families:
+        work = pathlib.Path(tempfile.mkdtemp())
+        for name in ("config.json", "generation_config.json"):
+            src = pathlib.Path(args.config_root) / MODELS[family] / name
+            if src.is_file():
+                shutil.copy(src, work / name)
+        llm = LLM(str(work), dtype=args.dtype, device=DEVICE, load_format="dummy", skip_tokenizer_init=True)
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.loaded.model.parameters())
-        floor_ms = weight_bytes / bandwidth * 1e3 if bandwidth else None
-        for batch in args.batch_sizes:
-            g = torch.Generator().manual_seed(batch)
-            prompts = [torch.randint(0, llm.loaded.arch.vocab_size, (P,), generator=g).tolist() for _ in range(batch)]
-            warm = SamplingParams(max_tokens=Lb, block_length=Lb, steps=2, ignore_eos=True)
-            llm.generate(prompts, warm)
-            sp = SamplingParams(max_tokens=G, block_length=Lb, steps=G, ignore_eos=True)
-            sync(device)
-            t = time.perf_counter()
-            outs = llm.generate(prompts, sp)
-            sync(device)
-            wall = time.perf_counter() - t
-            nfe = outs[0].metrics.nfe
-            # the two forward shapes of the Fast-dLLM caches; the others' shapes depend on the decoded state
-            timed = cache in ("none", "prefix", "dual")
-            full_ms = time_forward(llm, batch, T, P, P + Lb, cache, 0, 3) * 1e3 if timed else float("nan")
-            short_ms = time_forward(llm, batch, T, P, P + Lb, cache, 1, 5) * 1e3 if timed else float("nan")
-            kv_fraction = sum(o.metrics.kv_fraction for o in outs) / len(outs)
-            row = {"cache": cache, "batch": batch, "nfe": nfe, "wall_s": round(wall, 3),
-                   "ms_per_step": round(wall / nfe * 1e3, 2),
-                   "block_start_forward_ms": round(full_ms, 2) if timed else None,
-                   "in_block_forward_ms": round(short_ms, 2) if timed else None, "kv_fraction": round(kv_fraction, 3),
-                   "tokens_per_s": round(batch * G / wall, 1), "tokens_per_s_per_request": round(G / wall, 1),
-                   "floor_ms": floor_ms and round(floor_ms, 2),
-                   "step_over_floor": floor_ms and round(wall / nfe * 1e3 / floor_ms, 2)}
-            results.append(row)
-            print(f"cache {cache:9s} batch {batch:2d}: {row['ms_per_step']:8.2f} ms/step "
-                  f"(block start {full_ms:7.2f} ms, in block {short_ms:7.2f} ms), kv fraction {kv_fraction:.3f}, "
-                  f"{row['tokens_per_s']:8.1f} tok/s, "
-                  f"floor {row['floor_ms']} ms, step/floor {row['step_over_floor']}")
+        floor_ms = weight_bytes / bandwidth * 1e3
+        models[family] = {"config": MODELS[family], "weight_bytes": weight_bytes, "floor_ms": round(floor_ms, 3),
+                          "gen": SHAPES[family][0], "block": SHAPES[family][1]}
+        for cache in caches_for(family, args.caches):
+            for batch in args.batch_sizes:
+                if batch > limits.get(cache, batch):
+                    continue
+                for mode in modes_for(cache, batch, args.modes):
+                    row = run_setting(llm, family, cache, batch, mode, args, floor_ms)
+                    results.append(row)
+                    print(f"{family:5s} {cache:9s} b{batch:<3d} {mode:5s} {row['ms_per_step']:8.2f} ms/step  "
+                          f"(start {row['block_start_forward_ms']}, in-block {row['in_block_forward_ms']}, "
+                          f"overhead {row['engine_overhead']})  floor {floor_ms:.2f}  x{row['step_over_floor']}  "
+                          f"{row['tokens_per_s']:9.1f} tok/s  peak {row['peak_gpu_GB']} GB  "
+                          f"graphs {row['graphs']} ({row['capture_s']} s)", flush=True)
         del llm
-        if device.type == "cuda":
+        if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    summary = {"device": gpu, "torch": torch.__version__, "dtype": args.dtype, "prompt_len": P, "gen_length": G,
-               "block_length": Lb, "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth and round(bandwidth / 1e9, 1),
-               "results": results}
+    summary = {"device": gpu, "torch": torch.__version__, "dtype": args.dtype, "prompt_len": args.prompt_len,
+               "copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "models": models, "results": results}
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

@@ -73,7 +73,7 @@ class IndexedPlan(ForwardPlan):
         super().__init__(0, 0, key_mask, buffers, 0, first_only, index, logits_index)
         scratch = buffers.k[0].shape[2] - 1
         self.write = index if valid is None else index.masked_fill(~valid, scratch)       # [B, n]
-        self.kv_computations = None if valid is None else valid.sum(1)
+        self.kv_computations = None if valid is None else valid.sum(1) * len(buffers.k)   # token x layer
 
     def kv(self, layer, k, v):
         kb, vb = self.buffers.k[layer], self.buffers.v[layer]

@@ -37,6 +37,7 @@ from dllm.decoding.llada import transfer_quota
 from dllm.errors import InvalidParameterError
 
 VARIANTS = ("decode", "prefill", "pd", "greedy")
+FEED_GRAIN = 16
 DEFAULT_REFRESH = {"llada": 8, "dream": 4}
 
 
@@ -167,7 +168,9 @@ class DKVCache(CachePolicy):
 
     def _cached_step(self, fed: torch.Tensor, start: int, end: int, mask) -> IndexedPlan:
         counts = fed.sum(1)
-        n = int(counts.max())
+        # fed widths rounded up to a multiple of FEED_GRAIN (padding slots write the scratch column): a few
+        # forward shapes instead of one per count, so the runner's graphs are reused
+        n = min(-(-int(counts.max()) // FEED_GRAIN) * FEED_GRAIN, fed.shape[1])
         index = torch.argsort((~fed).to(torch.int8), dim=1, stable=True)[:, :n]   # fed columns first, in order
         slots = torch.arange(n, device=fed.device).expand_as(index)
         valid = slots < counts[:, None]

@@ -48,7 +48,7 @@ def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_fp3
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_fp32: bool = False) -> torch.Tensor:
     if not use_triton(x):
         return rms_norm_eager(x, weight, eps, weight_fp32)
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch_norm(x, None, weight, out, None, eps, weight_fp32)
     return out
 
@@ -59,7 +59,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     if not use_triton(x) or delta.stride(-1) != 1:
         h = x + delta
         return h, rms_norm_eager(h, weight, eps, weight_fp32)
-    out, total = torch.empty_like(x), torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch_norm(x, delta, weight, out, total, eps, weight_fp32)
     return total, out
 

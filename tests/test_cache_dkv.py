@@ -38,7 +38,7 @@ class FedRecorder:
             if p.index is None:
                 self.fed.append(set(range(p.start, p.end)))
             else:
-                n = len(p.index[0]) if p.kv_computations is None else int(p.kv_computations[0])
+                n = len(p.index[0]) if p.kv_computations is None else int(p.kv_computations[0]) // len(p.buffers.k)
                 self.fed.append(set(p.index[0, :n].tolist()))
             return p
         monkeypatch.setattr(DKVCache, "plan", plan)

@@ -1,33 +1,117 @@
-"""GPU checks (run on an accelerator only; skipped elsewhere): every strategy x cache decodes on CUDA in
-bfloat16 and float32, fills every mask, and keeps rows independent of their batch."""
+"""GPU checks (run on an accelerator only; skipped elsewhere), on the bundled zoo models:
+
+- the graph path (CUDA graphs replayed by the runner) emits exactly the eager path's tokens
+  (`enforce_eager=True`, the same kernels launched one by one) for every strategy x cache of every family, in
+  bfloat16 and float32, with batches padded to their bucket (3 rows -> 4) and rows finishing early;
+- in float32 a row of a padded batch gets the tokens it gets alone, and CUDA matches the CPU;
+- the fused kernels match their eager definitions on the device.
+"""
 from __future__ import annotations
 
-import itertools
-
 import pytest
+import torch
 
 from dllm import LLM, SamplingParams
+from dllm.cache import CACHES
 
 pytestmark = pytest.mark.gpu
 
-PROMPTS = [[7, 3, 99, 12, 5], [42] * 13, list(range(1, 20))]
+STRATEGIES = ("reference", "threshold", "factor")
+FAMILIES = {"tiny-llada": "llada", "tiny-dream": "dream", "tiny-sdar": "sdar"}
+
+
+def _caches(family: str) -> list[str]:
+    attention = "block_causal" if family == "sdar" else "full"
+    return [name for name, cls in CACHES.items() if attention in cls.attentions]
+
+
+def _messages(n: int = 3) -> list[list[dict]]:
+    from dllm.eval.tasks import get_task
+    from dllm.eval.tasks.chat import to_messages
+    return [to_messages(p) for p in get_task("arith").generate("test", n)]
+
+
+def _params(family: str, strategy: str) -> SamplingParams:
+    if family == "sdar":
+        steps = {"steps": 4} if strategy == "reference" else {}
+        return SamplingParams(max_tokens=48, block_length=4, temperature=0, **steps)
+    return SamplingParams(max_tokens=64, block_length=16, temperature=0)
+
+
+_LLMS: dict = {}
+
+
+def _llm(model: str, cache: str, strategy: str, dtype: str, eager: bool) -> LLM:
+    key = (model, cache, strategy, dtype, eager)
+    if key not in _LLMS:
+        _LLMS.clear() if len(_LLMS) > 8 else None
+        _LLMS[key] = LLM(model, cache=cache, strategy=strategy, device="cuda", dtype=dtype, enforce_eager=eager)
+    return _LLMS[key]
+
+
+CASES = [(m, c, s) for m, f in FAMILIES.items() for c in _caches(f) for s in STRATEGIES]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("cache,strategy", list(itertools.product(["none", "prefix", "dual"],
-                                                                  ["reference", "threshold", "factor"])))
-def test_decodes_on_cuda(tiny_llada, dtype, cache, strategy):
-    llm = LLM(str(tiny_llada), cache=cache, strategy=strategy, device="cuda", dtype=dtype)
-    sp = SamplingParams(max_tokens=16, block_length=4, ignore_eos=True)
-    outs = llm.generate(PROMPTS, sp)
-    alone = [llm.generate([p], sp)[0].token_ids for p in PROMPTS]
-    assert all(len(o.token_ids) == 16 and llm.spec.mask_id not in o.token_ids for o in outs)
-    if dtype == "float32":
-        assert [o.token_ids for o in outs] == alone
+@pytest.mark.parametrize("model,cache,strategy", CASES)
+def test_graphs_emit_the_eager_tokens(model, cache, strategy, dtype):
+    family = FAMILIES[model]
+    sp = _params(family, strategy)
+    messages = _messages()
+    graph = _llm(model, cache, strategy, dtype, eager=False)
+    # twice: the first run captures (second use of each shape), the second replays every shape
+    graph.chat(messages, sp)
+    got = [o.token_ids for o in graph.chat(messages, sp)]
+    want = [o.token_ids for o in _llm(model, cache, strategy, dtype, eager=True).chat(messages, sp)]
+    assert got == want
+    if cache != "elastic":   # Elastic-Cache plans have per-layer hooks: they always run eagerly
+        assert graph.engine.runner.stats()["graphs"] > 0
+    assert {len(t) for t in got} != {sp.max_tokens} or family == "sdar"  # rows finished early
 
 
-def test_cuda_matches_cpu_in_float32(tiny_llada):
-    sp = SamplingParams(max_tokens=16, block_length=4, ignore_eos=True)
-    cpu = LLM(str(tiny_llada), device="cpu", dtype="float32").generate(PROMPTS, sp)
-    gpu = LLM(str(tiny_llada), device="cuda", dtype="float32").generate(PROMPTS, sp)
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_padded_rows_get_their_tokens_alone_in_float32(model):
+    family = FAMILIES[model]
+    cache = "block" if family == "sdar" else "dual"
+    llm = _llm(model, cache, "threshold", "float32", eager=False)
+    sp = _params(family, "threshold")
+    messages = _messages(3)
+    batch = [o.token_ids for o in llm.chat(messages, sp)]
+    batch = [o.token_ids for o in llm.chat(messages, sp)]
+    alone = [llm.chat([m], sp)[0].token_ids for m in messages]
+    assert batch == alone
+
+
+def test_cuda_matches_cpu_in_float32():
+    sp = SamplingParams(max_tokens=32, block_length=8, temperature=0)
+    messages = _messages(3)
+    cpu = LLM("tiny-llada", cache="dual", strategy="threshold", device="cpu", dtype="float32").chat(messages, sp)
+    gpu = LLM("tiny-llada", cache="dual", strategy="threshold", device="cuda", dtype="float32").chat(messages, sp)
     assert [o.token_ids for o in cpu] == [o.token_ids for o in gpu]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernels_match_eager_definitions_on_the_device(dtype):
+    from dllm import ops
+    assert ops.triton is not None
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(5, 7, 4096, device="cuda", generator=g).to(dtype)
+    d = torch.randn(5, 7, 4096, device="cuda", generator=g).to(dtype)
+    w = torch.randn(4096, device="cuda", generator=g).to(dtype)
+    for weight_fp32 in (False, True):
+        total, normed = ops.add_rms_norm(x, d, w, 1e-5, weight_fp32)
+        assert torch.equal(total, x + d)
+        want = ops.rms_norm_eager(x + d, w, 1e-5, weight_fp32).float()
+        assert ((normed.float() - want).norm() / want.norm()).item() < (1e-6 if dtype == torch.float32 else 1e-2)
+    gu = torch.randn(3, 9, 2 * 1000, device="cuda", generator=g).to(dtype)
+    gate, up = gu.chunk(2, -1)
+    want = (torch.nn.functional.silu(gate) * up).float()
+    assert ((ops.silu_mul(gu).float() - want).norm() / want.norm()).item() < 1e-5
+    cos, sin = ops.rope_table(512, 128, 10000.0, torch.device("cuda"))
+    qkv = torch.randn(2, 33, 8 + 2 + 2, 128, device="cuda", generator=g).to(dtype)
+    q, k = qkv[:, :, :8], qkv[:, :, 8:10]
+    pos = torch.randint(0, 512, (2, 33), device="cuda", generator=g)
+    for full in (True, False):
+        qr, kr = ops.rope(q, k, pos, cos, sin, full)
+        c, s = cos[pos][:, :, None], sin[pos][:, :, None]
+        assert torch.equal(qr, ops.rope_eager(q, c, s, full)) and torch.equal(kr, ops.rope_eager(k, c, s, full))
