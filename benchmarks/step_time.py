@@ -122,7 +122,10 @@ def run_setting(llm: LLM, family: str, cache: str, batch: int, mode: str, args, 
     extra = {"alg": "maskgit_plus"} if family == "dream" else {}
     sp = SamplingParams(max_tokens=run_gen, block_length=block, steps=run_gen if family != "sdar" else block,
                         ignore_eos=True, temperature=0, **extra)
-    llm.generate(prompts, sp)                                  # warm-up: kernels compiled, graphs captured
+    # warm-up on the same canvas length, one block: kernels compiled, the block's graphs captured
+    warm = [q[:length - block] if len(q) >= length - block else q + q[:length - block - len(q)] for q in prompts]
+    llm.generate(warm, SamplingParams(max_tokens=block, block_length=block, steps=sp.steps * block // run_gen or 1,
+                                      ignore_eos=True, temperature=0, **extra))
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -133,7 +136,7 @@ def run_setting(llm: LLM, family: str, cache: str, batch: int, mode: str, args, 
     nfe = outs[0].metrics.nfe
     ms = wall / nfe * 1e3
     full_ms = in_ms = float("nan")
-    if cache in ("none", "prefix", "dual", "block"):
+    if cache in ("prefix", "dual", "block") or (cache == "none" and batch < BIG_BATCH):
         full_ms = time_forward(engine, run_prompt, batch, run_gen, block, 0, 5)
         in_ms = time_forward(engine, run_prompt, batch, run_gen, block, 1, 10) if cache != "none" else full_ms
     model_ms = (full_ms + (block - 1) * in_ms) / block         # one token a step: `block` steps a block
@@ -202,7 +205,13 @@ def main() -> None:
                 if batch > limits.get(cache, batch):
                     continue
                 for mode in modes_for(cache, batch, args.modes):
-                    row = run_setting(llm, family, cache, batch, mode, args, floor_ms)
+                    try:
+                        row = run_setting(llm, family, cache, batch, mode, args, floor_ms)
+                    except Exception as exc:  # report and go on: one failing setting must not cost the run
+                        print(f"{family} {cache} b{batch} {mode}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                        results.append({"family": family, "cache": cache, "batch": batch, "mode": mode,
+                                        "error": f"{type(exc).__name__}: {exc}"[:300]})
+                        continue
                     results.append(row)
                     print(f"{family:5s} {cache:9s} b{batch:<3d} {mode:5s} {row['ms_per_step']:8.2f} ms/step  "
                           f"(start {row['block_start_forward_ms']}, in-block {row['in_block_forward_ms']}, "

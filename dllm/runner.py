@@ -153,6 +153,8 @@ class ModelRunner:
     def clear_graphs(self) -> None:
         self.graphs.clear()
         self.seen.clear()
+        if self.use_graphs:   # the old pool is released with its last graph: later captures need a new one
+            self.graph_pool = torch.cuda.graph_pool_handle()
 
     def stats(self) -> dict:
         return {"graphs": len(self.graphs), "captures": self.num_captures,
@@ -193,7 +195,12 @@ class ModelRunner:
         if self.seen[key] < 2:
             return self.run_eager(inputs)
         t = time.perf_counter()
-        graph = _Graph(self, inputs)
+        try:
+            graph = _Graph(self, inputs)
+        except RuntimeError as exc:   # a kernel that cannot be captured: this shape stays eager
+            logger.warning("cannot capture a CUDA graph for %s (%s); running it eagerly", key, exc)
+            self.seen[key] = -(1 << 30)
+            return self.run_eager(inputs)
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - t
         self.num_captures += 1

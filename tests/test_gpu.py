@@ -66,7 +66,6 @@ def test_graphs_emit_the_eager_tokens(model, cache, strategy, dtype):
     assert got == want
     if cache != "elastic":   # Elastic-Cache plans have per-layer hooks: they always run eagerly
         assert graph.engine.runner.stats()["graphs"] > 0
-    assert {len(t) for t in got} != {sp.max_tokens} or family == "sdar"  # rows finished early
 
 
 @pytest.mark.parametrize("model", list(FAMILIES))
