@@ -90,6 +90,8 @@ class CachePolicy:
     needs_buffers = True
     attentions = ("full", "block_causal")  # attention patterns the policy serves
     supports_cfg = True
+    supports_remask = True  # a strategy may turn committed positions back into MASK (see `on_remask`)
+    feeds_all = False       # every forward feeds every canvas column (strategies that read all generated logits)
     scratch_column = False  # IndexedPlan policies: one extra buffer column for padding slots
     options: dict = {}      # option name -> default (`LLM(..., cache_options={...})`, CLI `--cache-option k=v`)
 
@@ -104,6 +106,9 @@ class CachePolicy:
         # Where K/V buffers come from: set by the engine to the runner's pool (views that outlive the run);
         # None allocates fresh buffers.
         self.kv_source = None
+        # K/V columns a strategy's own forwards write after the canvas (set by the engine before `allocate`);
+        # the buffer is [canvas | extra | scratch column (policies with `scratch_column`)]
+        self.extra_columns = 0
 
     @classmethod
     def resolve_options(cls, options: dict) -> dict:
@@ -130,7 +135,7 @@ class CachePolicy:
                  device: torch.device) -> None:
         self.length, self.shift_logits = length, spec.shift_logits
         if self.needs_buffers:
-            cols = length + int(self.scratch_column)
+            cols = length + self.extra_columns + int(self.scratch_column)
             self.buffers = (self.kv_source(batch, cols) if self.kv_source is not None
                             else KVBuffers.allocate(arch, batch, cols, dtype, device))
 
@@ -140,6 +145,18 @@ class CachePolicy:
     def select_rows(self, keep: torch.Tensor) -> None:
         if self.buffers is not None:
             self.buffers.select_rows(keep)
+
+    def on_remask(self, remasked: torch.Tensor) -> None:
+        """Positions [B, T] went back to MASK: their cached K/V are stale. Policies that reuse K/V refresh
+        everything at their next forward (`take_refresh`)."""
+        self.refresh = True
+
+    def on_truncate(self) -> None:
+        """A row's canvas got shorter (its keys past the end are hidden from now on)."""
+
+    def take_refresh(self) -> bool:
+        refresh, self.refresh = getattr(self, "refresh", False), False
+        return refresh
 
     def full(self, mask) -> ForwardPlan:
         """Recompute everything; with buffers, refresh all of them."""

@@ -15,6 +15,9 @@ class BlockCache(CachePolicy):
         self.stored_until = 0   # columns [0, stored_until) hold final K/V
 
     def plan(self, start, end, step, mask) -> ForwardPlan:
+        if self.take_refresh():   # a remasked position: recompute every stored block and the current one
+            self.stored_until = start
+            return self.window(0, end, mask, read_end=end)
         if step == 0:
             lo, self.stored_until = self.stored_until, start
             return self.window(lo, end, mask, read_end=end)

@@ -45,6 +45,7 @@ class DKVCache(CachePolicy):
     name = "dkv"
     attentions = ("full",)
     supports_cfg = False
+    supports_remask = False   # its cached set is tied to the decode order; not defined for remasking
     scratch_column = True
     options = {"variant": "decode", "refresh_interval": 0,   # 0 = the paper's value for the family and variant
                "window_size": 0, "seed": 0}                 # greedy only
@@ -70,6 +71,9 @@ class DKVCache(CachePolicy):
         self.calls = 0
         self.previous: torch.Tensor | None = None   # MASK map at the start of the previous step
         self.initial: torch.Tensor | None = None    # MASK map at the start of the run
+
+    def on_truncate(self) -> None:
+        self.key_mask = None
 
     def select_rows(self, keep: torch.Tensor) -> None:
         super().select_rows(keep)
@@ -183,7 +187,8 @@ class DKVCache(CachePolicy):
         if self.key_mask is None:   # changes only when rows leave the batch
             keys = mask(0, self.length, self.length)
             keys = torch.ones(b, 1, 1, self.length, dtype=torch.bool, device=fed.device) if keys is None else keys
-            self.key_mask = torch.cat([keys, torch.zeros_like(keys[..., :1])], dim=-1)   # the scratch column: unseen
+            extra = self.buffers.k[0].shape[2] - self.length        # scratch columns: unseen
+            self.key_mask = torch.cat([keys, keys.new_zeros(*keys.shape[:-1], extra)], dim=-1)
         return IndexedPlan(index, None if all_valid else valid, slot_of[:, cols], self.buffers, self.key_mask)
 
 

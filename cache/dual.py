@@ -9,7 +9,7 @@ class DualCache(CachePolicy):
     name = "dual"
 
     def plan(self, start, end, step, mask) -> ForwardPlan:
-        if step == 0:
+        if step == 0 or self.take_refresh():
             plan = self.full(mask)
             plan.first_only = self.shift_logits
             return plan

@@ -85,6 +85,7 @@ class ElasticCache(CachePolicy):
     needs_buffers = False         # owns its per-layer X/Q/K/V buffers
     attentions = ("full",)
     supports_cfg = False
+    supports_remask = False   # its cached set is tied to the decode order; not defined for remasking
     options: ClassVar[dict] = {"window_length": 16, "gamma": 0.9, "track_num": 1, "block_caching": True}
 
     force_drift = None            # test hook, see the module docstring

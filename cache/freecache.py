@@ -25,7 +25,7 @@ class FreeCache(CachePolicy):
         self.started = False
 
     def plan(self, start, end, step, mask) -> ForwardPlan:
-        if not self.started:
+        if not self.started or self.take_refresh():
             self.started = True
             return self.full(mask)
         return self.window(start - int(self.shift_logits), self.length, mask)

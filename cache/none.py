@@ -5,6 +5,7 @@ from dllm.cache.base import CachePolicy, ForwardPlan
 class NoCache(CachePolicy):
     name = "none"
     needs_buffers = False
+    feeds_all = True
 
     def plan(self, start, end, step, mask) -> ForwardPlan:
         return self.full(mask)

@@ -3,9 +3,20 @@ which tokens.
 
 Verbs (the engine calls nothing else):
   begin_block(masked)                       masked: [B, Lb] bool, the block's MASK positions at block start
-  step(logits, masked, generators, first_only=False) -> (x0 [B, Lb], commit [B, Lb] bool); commit only where masked
+  step(logits, masked, generators, first_only=False) -> (x0, commit) or StepEdits; commit only where masked
   select_rows(keep)                         rows left the batch
   max_forwards(block_length)                a bound on forwards per block (the engine's guard against a stall)
+
+What a strategy declares (class attributes / methods with defaults):
+  logits_span         "block": logits and masks cover the current block [start, end); "generation": every
+                      generated column up to the block's end [gen_start, end) (needs a cache whose forwards feed
+                      every column, i.e. none; full-attention families)
+  remasks             the strategy may return `StepEdits.remask` (committed positions back to MASK); the engine
+                      tells the cache, and streams text only left of `final_limit()`
+  final_limit()       per row, the absolute column below which committed text can no longer change (None: all)
+  scratch_width(Lb)   K/V columns after the canvas that the strategy's own forwards (`self.ctx.forward`, e.g. a
+                      verification pass) write to, so that the cache stays untouched
+The engine sets `self.ctx` (a `dllm.step_context.StepContext`) before the first step.
 
 A strategy = the model family's token proposal (`proposal.py`: x0 and the distribution confidences come from)
 + a selection rule (`choose`). `first_only` is set by cache policies that cannot give the block's first
@@ -23,6 +34,16 @@ from dllm.errors import InvalidParameterError
 from dllm.options import resolve_options
 from dllm.models.spec import ModelSpec
 from dllm.sampling_params import SamplingParams
+
+
+@dataclass
+class StepEdits:
+    """A step's decisions over the strategy's span ([B, S] columns, see `logits_span`)."""
+
+    x0: torch.Tensor                     # [B, S] proposed tokens
+    commit: torch.Tensor                 # [B, S] bool: masked positions that take x0
+    remask: torch.Tensor | None = None   # [B, S] bool: committed generated positions turned back into MASK
+    truncate: list[int | None] | None = None   # per row: absolute column where the row's canvas now ends
 
 
 @dataclass
@@ -50,6 +71,8 @@ class Strategy:
     remasking: tuple[str, ...] = ()             # accepted SamplingParams.remasking values
     confidence_dtype: torch.dtype | None = torch.float64  # LLaDA proposal only (Fast-dLLM: float64)
     engine_options: dict = {}                   # engine-level settings (`LLM(..., strategy_options={...})`)
+    logits_span: str = "block"                  # "block" | "generation" (see the module docstring)
+    remasks: bool = False                       # may return StepEdits.remask
 
     def __init__(self, params: SamplingParams, spec: ModelSpec):
         self.params, self.spec = params, spec
@@ -61,6 +84,7 @@ class Strategy:
         self.state: dict = {}
         self.canvas = None
         self.block_start = 0
+        self.ctx = None
 
     @classmethod
     def resolve_engine_options(cls, options: dict) -> dict:
@@ -90,6 +114,14 @@ class Strategy:
 
     def max_forwards(self, block_length: int) -> int:
         return block_length
+
+    def scratch_width(self, block_length: int) -> int:
+        """K/V columns after the canvas this strategy's own forwards need (0: it makes none)."""
+        return 0
+
+    def final_limit(self) -> list[int] | None:
+        """Per row, the absolute column below which committed text is final (None: every committed prefix)."""
+        return None
 
     def begin_block(self, masked: torch.Tensor) -> None:
         self.step_index = 0

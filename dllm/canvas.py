@@ -51,6 +51,10 @@ class Canvas:
         self.gen_start_cols = [p + n for p, n in zip(pads, lengths)]  # the same on the host: no sync per step
         self.gen_start = 0 if self.block_causal else width                        # first column of block 0
         self._cols = torch.arange(self.length, device=device)
+        # Where each row's canvas ends (absolute column): the whole canvas unless a strategy truncated it
+        # (Learn2PD's end-of-text prediction); columns past it are no longer attended to, decoded or emitted.
+        self.ends = [self.length] * len(prompts)
+        self._ends: torch.Tensor | None = None                                    # [B] on the device, once truncated
 
     @property
     def batch_size(self) -> int:
@@ -80,6 +84,8 @@ class Canvas:
         (max_tokens when there is none). One device-to-host transfer."""
         offset = self._cols[None, :] - self.gen_starts[:, None]                  # [B, T]
         in_gen = (offset >= 0) & (offset < self.max_tokens)
+        if self._ends is not None:
+            in_gen &= self._cols[None, :] < self._ends[:, None]
         is_mask = (self.tokens == self.spec.mask_id) & in_gen
         is_stop = torch.isin(self.tokens, stop_ids) & in_gen
         size = torch.full_like(self.gen_starts, self.max_tokens)
@@ -97,6 +103,28 @@ class Canvas:
         block = self.tokens[rows, lo:hi].tolist()
         return [r[s - lo:s - lo + self.max_tokens] for r, s in zip(block, starts)]
 
+    def sizes(self) -> list[int]:
+        """Per row, how many generated positions it can still hold (max_tokens, fewer once truncated)."""
+        return [min(self.max_tokens, e - s) for e, s in zip(self.ends, self.gen_start_cols)]
+
+    def alive(self, lo: int, hi: int) -> torch.Tensor | None:
+        """[B, hi - lo] bool: columns still inside each row's canvas; None when no row was truncated."""
+        if self._ends is None:
+            return None
+        return self._cols[None, lo:hi] < self._ends[:, None]
+
+    def truncate(self, ends: list[int | None]) -> None:
+        """End row r's canvas at absolute column ends[r] (None: unchanged); its keys past it are hidden."""
+        changed = False
+        for r, end in enumerate(ends):
+            if end is not None and end < self.ends[r]:
+                self.ends[r], changed = max(end, self.gen_start_cols[r]), True
+        if not changed:
+            return
+        self._ends = torch.tensor(self.ends, device=self.tokens.device)
+        valid = self._cols[None, :] < self._ends[:, None]
+        self.key_valid = valid if self.key_valid is None else self.key_valid & valid
+
     def block_done(self, first_mask: list[int], end: int) -> bool:
         """Whether no row has a MASK before column `end` (within its first max_tokens generated positions)."""
         return all(m >= end - s for m, s in zip(first_mask, self.gen_start_cols))
@@ -105,7 +133,11 @@ class Canvas:
         self.tokens = self.tokens[keep]
         self.positions = self.positions[keep]
         self.gen_starts = self.gen_starts[keep]
-        self.gen_start_cols = [self.gen_start_cols[i] for i in keep.tolist()]
+        rows = keep.tolist()
+        self.gen_start_cols = [self.gen_start_cols[i] for i in rows]
+        self.ends = [self.ends[i] for i in rows]
+        if self._ends is not None:
+            self._ends = self._ends[keep]
         if self.key_valid is not None:
             self.key_valid = self.key_valid[keep]
             if bool(self.key_valid.all()):

@@ -23,10 +23,12 @@ import torch
 
 from dllm.cache import cache_class, make_cache
 from dllm.decoding import strategy_class
+from dllm.decoding.base import StepEdits
 from dllm.canvas import Canvas
 from dllm.errors import InvalidParameterError
 from dllm.models.loader import LoadedModel
 from dllm.runner import ModelRunner
+from dllm.step_context import StepContext
 from dllm.outputs import CompletionOutput, RequestMetrics, RequestOutput, StreamEvent
 from dllm.sampling_params import SamplingParams
 
@@ -64,6 +66,7 @@ class Engine:
         self.strategy_cls = strategy_class(strategy, self.spec.family)
         self.strategy_options = dict(strategy_options or {})
         self.strategy_state = self.strategy_cls.prepare(self.strategy_options, loaded)
+        _check_pairing(self.strategy_cls, cache_class(cache), self.spec)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         # engines that never run at the same time (the server's, one per cache and strategy) share one runner
@@ -112,15 +115,19 @@ class _Run:
         self.rows = [_Row(r, _generator(r.params.seed, engine.device)) for r in requests]
         self.strategy = engine.strategy_cls(p, self.spec)
         self.strategy.state, self.strategy.canvas = engine.strategy_state, self.canvas
+        self.strategy.ctx = self.ctx = StepContext(self)
         self.cache = make_cache(engine.cache_name, engine.cache_options)
         self.cfg = p.cfg_scale > 0
         batch = len(requests) * (2 if self.cfg else 1)
-        engine.runner.prepare(batch, self.canvas.length + 1)   # + 1: the scratch column of gathered plans
+        self.cache.extra_columns = self.strategy.scratch_width(p.block_length)
+        # + 1: the scratch column of gathered plans
+        engine.runner.prepare(batch, self.canvas.length + self.cache.extra_columns + 1)
         self.cache.kv_source = engine.runner.kv_buffers
         self._logit_slots: dict[tuple, torch.Tensor] = {}
         self.cache.allocate(batch, self.canvas.length, engine.loaded.arch, self.spec, engine.dtype, engine.device)
         self.num_layers = engine.loaded.arch.num_layers
         self.kv_steps: list[torch.Tensor] = []   # [steps, rows] chunks: token x layer K/V computed per step
+        self.remasked = torch.zeros(len(requests), dtype=torch.long, device=engine.device)
         stops = sorted(set(() if p.ignore_eos else self.spec.stop_ids) | set(p.stop_token_ids))
         self.stop_ids = torch.tensor(stops, dtype=torch.long, device=engine.device)
         self.cache.attach(self.canvas, self.stop_ids, p)
@@ -147,17 +154,40 @@ class _Run:
         yield from self._emit(canvas.num_blocks - 1, *canvas.status(self.stop_ids), final=True)
 
     def _step(self, start: int, end: int, step: int) -> None:
-        block = self.canvas.tokens[:, start:end]
-        masked = block == self.spec.mask_id
-        logits, plan = self._forward(start, end, step)
+        c = self.canvas
+        lo = start if self.strategy.logits_span == "block" else c.gen_start
+        span = c.tokens[:, lo:end]
+        masked = span == self.spec.mask_id
+        alive = c.alive(lo, end)
+        if alive is not None:
+            masked &= alive
+        logits, plan = self._forward(start, end, step, lo)
         choosable = masked if plan.commit_mask is None else masked & plan.commit_mask
-        x0, commit = self.strategy.step(logits, choosable, [r.generator for r in self.rows], plan.first_only)
-        self.canvas.tokens[:, start:end] = torch.where(commit, x0, block)
+        edits = self.strategy.step(logits, choosable, [r.generator for r in self.rows], plan.first_only)
+        if not isinstance(edits, StepEdits):
+            edits = StepEdits(*edits)
+        new = torch.where(edits.commit & choosable, edits.x0, span)
+        if edits.remask is not None:
+            remask = edits.remask & (new != self.spec.mask_id)
+            remask[:, :max(0, c.gen_start - lo)] = False          # never the prompt
+            new = new.masked_fill(remask, self.spec.mask_id)
+            full = torch.zeros_like(c.tokens, dtype=torch.bool)
+            full[:, lo:end] = remask
+            self.cache.on_remask(full)
+            self.remasked += remask.sum(1)
+        c.tokens[:, lo:end] = new
+        if edits.truncate is not None:
+            c.truncate(edits.truncate)
+            self.cache.on_truncate()
+        extra, extra_kv = self.ctx.take()
+        if extra:
+            self.kv_steps[-1] = self.kv_steps[-1] + extra_kv
         for row in self.rows:
-            row.nfe += 1
+            row.nfe += 1 + extra
 
-    def _forward(self, start: int, end: int, step: int):
-        """Logits [B, end - start, V] for the block, through the cache policy (and CFG when enabled)."""
+    def _forward(self, start: int, end: int, step: int, lo: int):
+        """Logits [B, end - lo, V] for columns [lo, end) (the block, or every generated column for strategies
+        that read them), through the cache policy (and CFG when enabled)."""
         c = self.canvas
         tokens, positions, mask = c.tokens, c.positions, c.attn_mask
         if self.cfg:  # unconditional rows: the same canvas with the prompt (and padding) masked
@@ -170,7 +200,7 @@ class _Run:
             ids, pos, logits_index = tokens.gather(1, plan.index), positions.gather(1, plan.index), plan.logits_index
         else:
             ids, pos = tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end]
-            logits_index = self._slice_logits(start, end, plan.start, ids.shape[0])
+            logits_index = self._slice_logits(lo, end, plan.start, ids.shape[0])
         logits = self.engine.runner.forward(ids, pos, plan, logits_index)
         fed = ids.shape[1]
         done = plan.kv_computations if plan.kv_computations is not None else fed * self.num_layers
@@ -199,11 +229,16 @@ class _Run:
         """Yield newly final text per row (every row with new final tokens when streaming, else only finished
         rows); finish rows whose stop token is final or whose region is full."""
         done, updates = [], []
-        size = self.canvas.max_tokens
+        sizes = self.canvas.sizes()
+        limits = self.strategy.final_limit()
         for i, row in enumerate(self.rows):
-            stopped = first_stop[i] < first_mask[i]
-            final_len = first_stop[i] + 1 if stopped else first_mask[i]
-            finished = stopped or final or final_len >= size
+            size = sizes[i]
+            complete = first_mask[i] >= size                     # nothing masked: everything is final
+            limit = first_mask[i] if limits is None or complete else \
+                min(first_mask[i], max(0, limits[i] - self.canvas.gen_start_cols[i]))
+            stopped = first_stop[i] < limit
+            final_len = first_stop[i] + 1 if stopped else min(limit, size)
+            finished = stopped or final or complete
             if finished or (self.stream and final_len > row.emitted_tokens):
                 updates.append((i, final_len, stopped, finished))
             if finished:
@@ -236,7 +271,8 @@ class _Run:
         kv, full = sum(per_step), row.nfe * self.canvas.length * self.num_layers
         metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency,
                                  kv_computations=kv, kv_fraction=kv / full if full else 0.0,
-                                 kv_computations_per_step=per_step, cache_stats=self.cache.row_stats(index))
+                                 kv_computations_per_step=per_step, cache_stats=self.cache.row_stats(index),
+                                 num_remasked=int(self.remasked[index]))
         r = row.request
         return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
                              [CompletionOutput(0, text, list(row.token_ids), reason)], metrics)
@@ -248,6 +284,7 @@ class _Run:
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
         self.kv_steps = [torch.cat(self.kv_steps)[:, idx]]
+        self.remasked = self.remasked[idx]
         self.canvas.select_rows(idx)
         self.strategy.select_rows(idx)
         self.cache.select_rows(torch.cat([idx, idx + batch]) if self.cfg else idx)
@@ -263,3 +300,15 @@ def _doubled(mask_fn):
         m = mask_fn(*args)
         return None if m is None else torch.cat([m, m])
     return mask
+
+
+def _check_pairing(strategy, cache, spec) -> None:
+    """Refuse a strategy x cache pair that cannot work, at engine construction."""
+    if strategy.logits_span == "generation" and not cache.feeds_all:
+        raise InvalidParameterError(f"strategy '{strategy.name}' reads the logits of every generated position; "
+                                    f"cache '{cache.name}' does not compute them: use cache none")
+    if strategy.logits_span == "generation" and spec.attention != "full":
+        raise InvalidParameterError(f"strategy '{strategy.name}' needs a full-attention model (LLaDA, Dream)")
+    if strategy.remasks and not cache.supports_remask:
+        raise InvalidParameterError(f"strategy '{strategy.name}' re-masks committed tokens, which cache "
+                                    f"'{cache.name}' does not support; use cache none, prefix or dual")

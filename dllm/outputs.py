@@ -13,7 +13,8 @@ class RequestMetrics:
     `kv_computations` counts the token x layer key/value computations the row's forwards actually made (what a
     KV cache saves, independent of hardware), `kv_fraction` = that / (nfe x canvas length x layers), the
     uncached count (1.0 without a cache); `cache_stats` holds what a policy reports beyond that (Elastic-Cache:
-    `layers_recomputed_fraction`, the fraction of layers its paper reports)."""
+    `layers_recomputed_fraction`, the fraction of layers its paper reports); `num_remasked` counts committed
+    tokens a remasking strategy (Saber) turned back into MASK."""
 
     nfe: int
     num_tokens: int
@@ -24,6 +25,7 @@ class RequestMetrics:
     cache_stats: dict = field(default_factory=dict)   # the cache policy's own per-request statistics
     tokens_per_forward: float = 0.0
     tokens_per_second: float = 0.0
+    num_remasked: int = 0
 
     def __post_init__(self) -> None:
         self.tokens_per_forward = self.num_tokens / self.nfe if self.nfe else 0.0
