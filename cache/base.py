@@ -92,6 +92,7 @@ class CachePolicy:
     supports_cfg = True
     supports_remask = True  # a strategy may turn committed positions back into MASK (see `on_remask`)
     feeds_all = False       # every forward feeds every canvas column (strategies that read all generated logits)
+    tensor_parallel = True  # its plans work on a rank's shard of the heads (false: plans that hook attention)
     scratch_column = False  # IndexedPlan policies: one extra buffer column for padding slots
     options: dict = {}      # option name -> default (`LLM(..., cache_options={...})`, CLI `--cache-option k=v`)
 

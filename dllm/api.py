@@ -21,6 +21,8 @@ from dllm.decoding import check_strategy_name
 from dllm.engine import Engine, Request
 from dllm.errors import InvalidParameterError
 from dllm.models.loader import load_model
+from dllm.parallel import start_tensor_parallel
+from dllm.runner import ModelRunner
 from dllm.outputs import RequestOutput, StreamEvent
 from dllm.sampling_params import SamplingParams
 from dllm.zoo import DEFAULT_MODEL
@@ -36,18 +38,32 @@ class LLM:
                  device: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
                  max_batch_size: int = 32, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
                  seed: int = 0, cache_options: dict | None = None, strategy_options: dict | None = None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise InvalidParameterError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         cache_class(cache).resolve_options(dict(cache_options or {}))  # bad names fail before the (long) load
         check_strategy_name(strategy)
-        self.loaded = load_model(model, dtype=dtype, device=device, revision=revision,
-                                 trust_remote_code=trust_remote_code, load_format=load_format,
-                                 skip_tokenizer_init=skip_tokenizer_init, seed=seed)
+        load = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, load_format=load_format,
+                    seed=seed)
+        runner = None
+        if tensor_parallel_size != 1:
+            model, device, runner_args = start_tensor_parallel(model, tensor_parallel_size, device, load,
+                                                               enforce_eager)
+            load["tp"] = runner_args["tp"]
+        self.loaded = load_model(model, device=device, skip_tokenizer_init=skip_tokenizer_init, **load)
+        if tensor_parallel_size != 1:
+            runner = ModelRunner(self.loaded.model, self.loaded.arch, enforce_eager=enforce_eager,
+                                 group=runner_args["group"])
         self.engine = Engine(self.loaded, cache=cache, strategy=strategy, cache_options=cache_options,
-                             strategy_options=strategy_options, enforce_eager=enforce_eager)
+                             strategy_options=strategy_options, enforce_eager=enforce_eager, runner=runner)
         self.max_batch_size = max_batch_size
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker ranks (if any); the LLM cannot decode afterwards. Also run at exit."""
+        group = getattr(self.engine.runner, "group", None)
+        if group is not None:
+            group.close()
 
     @property
     def tokenizer(self):

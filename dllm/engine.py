@@ -71,6 +71,10 @@ class Engine:
         self.dtype = next(self.model.parameters()).dtype
         # engines that never run at the same time (the server's, one per cache and strategy) share one runner
         self.runner = runner or ModelRunner.shared(loaded.model, loaded.arch, enforce_eager=enforce_eager)
+        if self.runner.group is not None and not cache_class(cache).tensor_parallel:
+            raise InvalidParameterError(f"cache '{cache}' compares attention across all heads, which tensor "
+                                        "parallelism splits over processes; use another cache or "
+                                        "tensor_parallel_size=1")
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """Check `params` against the strategy and the model, and fill the checkpoint's defaults."""

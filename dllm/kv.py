@@ -14,8 +14,9 @@ from dllm.models.spec import ArchConfig
 class KVBuffers:
     """Post-RoPE keys and values of every layer for a batch: k[l], v[l] of shape [B, Hkv, T, D] (views)."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], on_select=None):
         self.k, self.v = k, v
+        self.on_select = on_select   # called with (rows before, columns, keep) before compacting (other ranks)
 
     @classmethod
     def allocate(cls, arch: ArchConfig, batch: int, length: int, dtype: torch.dtype, device: torch.device):
@@ -26,6 +27,8 @@ class KVBuffers:
     def select_rows(self, keep: torch.Tensor) -> None:
         """Keep rows `keep` (in that order), compacted in place to the front, so the storage stays put."""
         n = keep.numel()
+        if self.on_select is not None:
+            self.on_select(self.k[0].shape[0], self.k[0].shape[2], keep)
         for buf in (self.k, self.v):
             for i, t in enumerate(buf):
                 t[:n] = t[keep]

@@ -24,6 +24,7 @@ valid until the next forward.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -31,6 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+import torch.distributed as dist
+
+from dllm.distributed import FORWARD, PREPARE, SELECT, DistributedError
 from dllm.kv import KVBuffers, KVPool
 from dllm.models.core import Transformer
 from dllm.models.spec import ArchConfig
@@ -106,9 +110,12 @@ class _Graph:
 
 class ModelRunner:
     def __init__(self, model: Transformer, arch: ArchConfig, enforce_eager: bool = False,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS):
+                 max_graphs: int = DEFAULT_MAX_GRAPHS, group=None):
         self.model = model.fuse()
-        self.arch = arch
+        self.group = group          # rank 0's TPGroup under tensor parallelism (None: one process)
+        attn = model.layers[0].attn
+        # this rank's shape (its own heads under tensor parallelism): what its K/V pool holds
+        self.arch = dataclasses.replace(arch, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.on_cuda = self.device.type == "cuda"
@@ -135,6 +142,8 @@ class ModelRunner:
 
     def prepare(self, rows: int, length: int) -> None:
         """Make room for a run of `rows` rows over `length` columns (K/V pool and rotary table)."""
+        if self.group is not None:
+            self.group.post(PREPARE, rows, length)
         slots = batch_bucket(rows) if self.on_cuda else rows
         if self.pool is None or self.pool.slots < slots or self.pool.length < length:
             old = self.pool
@@ -147,8 +156,16 @@ class ModelRunner:
             self.rope = self.model.rotary.table(self.pool.length, self.device)
 
     def kv_buffers(self, rows: int, length: int) -> KVBuffers:
-        """Views of the pool for a run (after `prepare`)."""
-        return self.pool.view(rows, length)
+        """Views of the pool for a run (after `prepare`); under tensor parallelism every rank compacts its own
+        shard when rows leave."""
+        view = self.pool.view(rows, length)
+        if self.group is not None:
+            view.on_select = self._select_everywhere
+        return view
+
+    def _select_everywhere(self, rows: int, length: int, keep: torch.Tensor) -> None:
+        self.group.post(SELECT, rows, length, keep.numel())
+        self.group.collective(dist.broadcast, keep.to(torch.long).contiguous(), 0)
 
     def clear_graphs(self) -> None:
         self.graphs.clear()
@@ -168,12 +185,31 @@ class ModelRunner:
         """ids, positions [B, W] (the fed columns), `plan` the cache policy's, logits_index [B, Lq] (the fed slot
         each returned logit is read from) -> logits [B, Lq, V]."""
         if hasattr(plan, "attention") or hasattr(plan, "layer_input"):
+            if self.group is not None:
+                raise DistributedError("this cache's plans hook every layer's attention, which needs every "
+                                       "head in one process; use tensor_parallel_size=1")
             return self.model(ids, positions, plan, logits_index=logits_index, rope_table=self.rope)
         inputs = self._canonical(ids, positions, plan, logits_index)
         rows = ids.shape[0]
-        if not self.use_graphs:
-            return self.run_eager(inputs)[:rows]
-        return self._graphed(inputs)[:rows]
+        if self.group is not None:
+            send_inputs(self.group, inputs)
+        logits = self.run_eager(inputs) if not self.use_graphs else self._graphed(inputs)
+        if self.group is not None:
+            logits = gather_logits(self.group, logits)
+        return logits[:rows]
+
+    def serve_command(self, fields: tuple) -> None:
+        """A worker rank: carry out one of rank 0's commands (see dllm/distributed.py)."""
+        if fields[0] == PREPARE:
+            self.prepare(fields[1], fields[2])
+        elif fields[0] == SELECT:
+            keep = torch.empty(fields[3], dtype=torch.long, device=self.device)
+            dist.broadcast(keep, 0)
+            self.pool.view(fields[1], fields[2]).select_rows(keep)
+        elif fields[0] == FORWARD:
+            inputs = receive_inputs(fields, self.pool, self.device)
+            logits = self.run_eager(inputs) if not self.use_graphs else self._graphed(inputs)
+            dist.gather(logits.contiguous(), None, dst=0)
 
     def run_eager(self, inputs: _Inputs) -> torch.Tensor:
         plan = _StepPlan(inputs.write, inputs.mask, inputs.buffers)
@@ -261,3 +297,45 @@ def _pool_bytes(pool) -> int:
     except Exception:  # pragma: no cover - allocator introspection is best effort
         return 0
     return sum(seg["total_size"] for seg in snapshot if tuple(seg.get("segment_pool_id", ())) == tuple(pool))
+
+
+# ---------------------------------------------------------------------- tensor parallelism: one forward's inputs
+
+def send_inputs(group, inputs: _Inputs) -> None:
+    """Rank 0: the header (shapes) on the store, then the indices and the mask in two broadcasts."""
+    b, w = inputs.ids.shape
+    lq = inputs.logits_index.shape[1]
+    mask = inputs.mask
+    buf = inputs.buffers
+    group.post(FORWARD, b, w, lq, int(inputs.write is not None), int(buf is not None),
+               buf.k[0].shape[0] if buf is not None else 0, buf.k[0].shape[2] if buf is not None else 0,
+               *(mask.shape if mask is not None else (0, 0, 0, 0)))
+    parts = [inputs.ids, inputs.positions, inputs.logits_index] + ([inputs.write] if inputs.write is not None else [])
+    group.collective(dist.broadcast, torch.cat([t.reshape(-1) for t in parts]).contiguous(), 0)
+    if mask is not None:
+        group.collective(dist.broadcast, mask.to(torch.uint8).contiguous(), 0)
+
+
+def receive_inputs(fields: tuple, pool: KVPool | None, device: torch.device) -> _Inputs:
+    """A worker: the same canonical inputs, with this rank's own K/V buffers."""
+    _, b, w, lq, has_write, has_buf, buf_rows, buf_len, m0, m1, m2, m3 = fields[:12]
+    packed = torch.empty(b * w * (2 + has_write) + b * lq, dtype=torch.long, device=device)
+    dist.broadcast(packed, 0)
+    ids, pos = packed[:b * w].view(b, w), packed[b * w:2 * b * w].view(b, w)
+    index = packed[2 * b * w:2 * b * w + b * lq].view(b, lq)
+    write = packed[2 * b * w + b * lq:].view(b, w) if has_write else None
+    mask = None
+    if m0:
+        mask = torch.empty(m0, m1, m2, m3, dtype=torch.uint8, device=device)
+        dist.broadcast(mask, 0)
+        mask = mask.bool()
+    buffers = pool.view(buf_rows, buf_len) if has_buf else None
+    return _Inputs(ids, pos, index, write, mask, buffers)
+
+
+def gather_logits(group, local: torch.Tensor) -> torch.Tensor:
+    """Rank 0: every rank's vocabulary slice of the logits, concatenated."""
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(group.size)]
+    group.collective(dist.gather, local, parts, 0)
+    return torch.cat(parts, dim=-1)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from dllm import ops
 from dllm.attention import AttentionPlan, attend
 from dllm.models.spec import ArchConfig
+from dllm.parallel import TPInfo, head_range, kv_head_range, split_range
 
 
 class RMSNorm(nn.Module):
@@ -62,15 +63,20 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig):
+    """Multi-head attention over this rank's heads (all of them without tensor parallelism); the output
+    projection's partial sums are all-reduced across ranks."""
+
+    def __init__(self, cfg: ArchConfig, tp: TPInfo = TPInfo()):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.tp = tp
+        self.num_heads, self.num_kv_heads = head_range(cfg, tp)[1], kv_head_range(cfg, tp)[1]
+        self.head_dim = d
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.qkv_bias)
         self.qkv_proj: nn.Linear | None = None   # set by `fuse()`: one matmul instead of three
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_fp32) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_weight_fp32) if cfg.qk_norm else None
 
@@ -103,16 +109,20 @@ class Attention(nn.Module):
         else:
             k, v = plan.kv(layer, k, v)
             out = attend(q, k, v, plan.attn_mask)  # [B, H, L, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, n, -1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ArchConfig):
+    """SwiGLU over this rank's share of the intermediate features; the down projection is all-reduced."""
+
+    def __init__(self, cfg: ArchConfig, tp: TPInfo = TPInfo()):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        inner = split_range(cfg.intermediate_size, tp)[1]
+        self.tp = tp
+        self.gate_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
         self.gate_up_proj: nn.Linear | None = None   # set by `fuse()`
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = nn.Linear(inner, cfg.hidden_size, bias=False)
 
     def fuse(self) -> None:
         if self.gate_up_proj is None:
@@ -121,17 +131,17 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.tp.all_reduce(self.down_proj(ops.silu_mul(self.gate_up_proj(x))))
+        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ArchConfig):
+    def __init__(self, cfg: ArchConfig, tp: TPInfo = TPInfo()):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, tp)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, rotary, rope, plan, layer):
         h, normed = self.mlp_norm.add_forward(x, self.attn(self.attn_norm(x), rotary, rope, plan, layer))
@@ -148,16 +158,35 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-class Transformer(nn.Module):
-    """Pre-norm decoder stack. `forward` returns logits only for `logits_range` of the fed positions."""
+class VocabEmbedding(nn.Embedding):
+    """Token embedding; under tensor parallelism each rank holds a slice of the vocabulary, looks up the ids in
+    it (zeros for the others) and the ranks' rows are summed."""
 
-    def __init__(self, cfg: ArchConfig):
+    def __init__(self, cfg: ArchConfig, tp: TPInfo = TPInfo()):
+        self.first, rows = split_range(cfg.vocab_size, tp)
+        super().__init__(rows, cfg.hidden_size)
+        self.tp = tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(ids)
+        local = ids - self.first
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = super().forward(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0)
+        return self.tp.all_reduce(x)
+
+
+class Transformer(nn.Module):
+    """Pre-norm decoder stack. `forward` returns logits only for `logits_range` of the fed positions (under
+    tensor parallelism, this rank's slice of the vocabulary; the runner gathers them)."""
+
+    def __init__(self, cfg: ArchConfig, tp: TPInfo = TPInfo()):
         super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.cfg, self.tp = cfg, tp
+        self.embed = VocabEmbedding(cfg, tp)
+        self.layers = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, split_range(cfg.vocab_size, tp)[1], bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_full_precision)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -18,6 +18,7 @@ from dllm.errors import InvalidParameterError, ModelNotFoundError, UnsupportedMo
 from dllm.models.core import Transformer
 from dllm.models.registry import adapter_for
 from dllm.models.spec import ArchConfig, ModelSpec
+from dllm.parallel import TPInfo, shard_slices, take_shard
 
 logger = logging.getLogger(__name__)
 
@@ -123,27 +124,43 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 LOAD_FORMATS = ("safetensors", "dummy")
 
 
-def load_model(model: str | Path, *, dtype="auto", device="auto", revision: str | None = None,
-               trust_remote_code: bool = False, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
-               seed: int = 0) -> LoadedModel:
-    """Resolve, read and build. `load_format="dummy"` fills the real shape with random weights instead of
-    reading safetensors (benchmarks; vLLM's option of the same name); `skip_tokenizer_init` loads no tokenizer
-    (prompts must then be token ids, and outputs carry no text)."""
-    if load_format not in LOAD_FORMATS:
-        raise InvalidParameterError(f"unknown load_format {load_format!r}; use one of {', '.join(LOAD_FORMATS)}")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    path = resolve_path(model, revision)
+@dataclass
+class Checkpoint:
+    """What config.json says, before any weight is read."""
+
+    config: dict
+    generation_config: dict
+    adapter: object
+    arch: ArchConfig
+
+
+def inspect_checkpoint(path: Path) -> Checkpoint:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
     cfg = read_json(path / "config.json")
     gen_cfg = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     adapter = adapter_for(cfg, where=str(path))
-    arch = adapter.arch_config(cfg)
+    return Checkpoint(cfg, gen_cfg, adapter, adapter.arch_config(cfg))
+
+
+def load_model(model: str | Path, *, dtype="auto", device="auto", revision: str | None = None,
+               trust_remote_code: bool = False, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
+               seed: int = 0, tp: TPInfo = TPInfo()) -> LoadedModel:
+    """Resolve, read and build. `load_format="dummy"` fills the real shape with random weights instead of
+    reading safetensors (benchmarks; vLLM's option of the same name); `skip_tokenizer_init` loads no tokenizer
+    (prompts must then be token ids, and outputs carry no text). With `tp` of size > 1 only this rank's shard
+    is built and read (slices straight from the safetensors files)."""
+    if load_format not in LOAD_FORMATS:
+        raise InvalidParameterError(f"unknown load_format {load_format!r}; use one of {', '.join(LOAD_FORMATS)}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = resolve_path(model, revision)
+    ckpt = inspect_checkpoint(path)
+    cfg, gen_cfg, adapter, arch = ckpt.config, ckpt.generation_config, ckpt.adapter, ckpt.arch
     tokenizer = None if skip_tokenizer_init else load_tokenizer(path, trust_remote_code)
     spec = adapter.spec(cfg, gen_cfg, tokenizer)
     with torch.device("meta"):
-        net = Transformer(arch)
+        net = Transformer(arch, tp)
     if load_format == "dummy":
         _init_random(net, dev, dt, seed)
     else:
@@ -178,7 +195,12 @@ def _load_safetensors(net: Transformer, path: Path, adapter, device: torch.devic
                 if ours is None:
                     unknown.append(name)
                     continue
-                state[ours] = f.get_tensor(name).to(dtype)
+                rule = shard_slices(ours, net.cfg, net.tp)
+                if rule is None:
+                    state[ours] = f.get_tensor(name).to(dtype)
+                else:   # read only this rank's rows / columns
+                    part = f.get_slice(name)
+                    state[ours] = (part[rule[1]] if rule[0] == 0 else part[:, rule[1]]).to(dtype)
         _check_shapes(net, state, file)
         net.load_state_dict(state, strict=False, assign=True)
     if unknown:
@@ -199,10 +221,32 @@ def _check_shapes(net: Transformer, state: dict, file: Path) -> None:
 
 
 def _init_random(net: Transformer, device: torch.device, dtype: torch.dtype, seed: int) -> None:
+    """N(0, 0.02) weights (norms 1), each drawn whole from its own seeded generator and then cut to this
+    rank's shard, so that every tensor-parallel size builds the same model."""
     net.to(dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in net.named_parameters():
+    for i, (name, p) in enumerate(net.named_parameters()):
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
-        else:
-            p.data.normal_(0.0, 0.02, generator=gen)
+            continue
+        rule = shard_slices(name, net.cfg, net.tp)
+        shape = list(p.shape)
+        if rule is not None:
+            shape[rule[0]] = _full_size(name, net.cfg, rule[0], shape[rule[0]])
+        gen = torch.Generator(device=device).manual_seed(seed * 100003 + i)
+        full = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+        p.data.copy_(take_shard(full, rule))
+
+
+def _full_size(name: str, arch, dim: int, local: int) -> int:
+    """The unsharded size of `name`'s dimension `dim` (this rank holds `local` of it)."""
+    d = arch.head_dim
+    module = name.split(".")[-2]
+    if module in ("q_proj", "o_proj"):
+        return arch.num_heads * d
+    if module in ("k_proj", "v_proj"):
+        return arch.num_kv_heads * d
+    if module in ("gate_proj", "up_proj", "down_proj"):
+        return arch.intermediate_size
+    if module in ("embed", "lm_head"):
+        return arch.vocab_size
+    return local
