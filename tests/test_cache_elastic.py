@@ -37,7 +37,7 @@ NO_EOS = -1
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, shared_dir):
+def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     llada = write_tiny_llada(root / "llada4", seed=0, n_layers=4)
     dream = write_tiny_dream(root / "dream3", seed=0, num_hidden_layers=3)   # GQA: 4 query heads, 2 KV heads
