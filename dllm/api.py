@@ -23,6 +23,7 @@ from dllm.errors import InvalidParameterError
 from dllm.models.loader import load_model
 from dllm.outputs import RequestOutput, StreamEvent
 from dllm.sampling_params import SamplingParams
+from dllm.threads import configure_cpu_threads
 from dllm.zoo import DEFAULT_MODEL
 
 PromptType = str | list[int] | dict
@@ -43,6 +44,8 @@ class LLM:
         self.loaded = load_model(model, dtype=dtype, device=device, revision=revision,
                                  trust_remote_code=trust_remote_code, load_format=load_format,
                                  skip_tokenizer_init=skip_tokenizer_init, seed=seed)
+        if next(self.loaded.model.parameters()).device.type == "cpu":
+            configure_cpu_threads()
         self.engine = Engine(self.loaded, cache=cache, strategy=strategy, cache_options=cache_options,
                              strategy_options=strategy_options)
         self.max_batch_size = max_batch_size
@@ -122,6 +125,8 @@ class LLM:
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidParameterError("this LLM was built with skip_tokenizer_init=True; pass prompts as token ids")
+        if not text:  # it would tokenize to BOS alone: an answer to nothing
+            raise InvalidParameterError("the prompt is empty; give some text (or token ids)")
         return self.tokenizer.encode(text)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -156,6 +161,8 @@ def _as_list(prompts) -> list:
 
 def _token_list(ids, vocab_size: int) -> list[int]:
     ids = list(ids)
+    if not ids:
+        raise InvalidParameterError("the prompt has no token ids; give at least one")
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
         raise InvalidParameterError(f"prompt token ids must be integers in [0, {vocab_size})")
     return ids

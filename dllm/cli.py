@@ -46,12 +46,15 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
                    help="which masked positions a step commits: reference = the model family's own sampler "
                         "(LLaDA generate, Dream diffusion_generate, SDAR block_diffusion_generate); threshold = "
                         "Fast-dLLM, every position with confidence >= --threshold; factor = Fast-dLLM factor rule "
-                        "(--factor); guided = FreeCache's guided diffusion (needs --strategy-option guide=MODEL). "
+                        "(--factor); guided = FlashDLM's guided diffusion (needs --strategy-option guide=MODEL). "
                         "Default: reference")
     g.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine-level option of the strategy, repeatable (e.g. guide=tiny-ar mode=speculative)")
-    g.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    g.add_argument("--dtype", default="auto",
+                   help="bfloat16, float16, float32, float64 or auto (bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (a GPU when there is one). On the CPU, torch uses OMP_NUM_THREADS "
+                        "threads when set, else the cores this process may run on (see README: CPU threads)")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when MODEL is a hub id")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own tokenizer code to run")
     g.add_argument(*batch_flags, dest="max_batch_size", type=int, default=32, metavar="N", help="most prompts decoded together in one batch")
@@ -194,6 +197,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         prompts = [text] if text else []
     if not prompts:
         raise DllmError("no prompt given; pass --prompt TEXT, --prompt-file FILE, or text on stdin")
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:  # "" would become BOS alone (or an empty user turn): nothing to answer
+        raise DllmError(f"prompt {empty[0]} of {len(prompts)} is empty; give it some text")
     return prompts
 
 

@@ -18,6 +18,7 @@ from checkpoints import load_tiny_state_dict, write_tiny_dream, write_tiny_llada
 from reference_llada import RefLLaDA  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # ...in the CLI subprocesses too; and LLM() keeps this choice
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"

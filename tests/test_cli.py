@@ -73,12 +73,41 @@ def test_chat_session(tiny_llada):
     (["--cache", "elastic", "--cache-option", "gamma=high"], "cache option gamma='high' must be a float"),
     (["--cache", "dkv", "--cache-option", "refresh_interval"], "--cache-option 'refresh_interval' is not KEY=VALUE"),
     (["--strategy", "guided"], "strategy 'guided' needs a guide model"),
+    (["--device", "cpu:7"], "device 'cpu:7' does not exist: PyTorch has one CPU device ('cpu')"),
+    (["--dtype", "int3"], "unknown dtype 'int3'; use one of auto, bfloat16, float16, float32, float64"),
 ])
 def test_bad_options_are_one_line(tiny_llada, args, message):
     r = dllm("generate", "--model", str(tiny_llada), "-p", "hello there", *args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_cpu_0_is_the_cpu(tiny_llada):
+    r = dllm("generate", "--model", str(tiny_llada), "-p", "hello", "--max-tokens", "8", "--block-length", "8",
+             "--device", "cpu:0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) >= 1
+
+
+@pytest.mark.parametrize("args", [["--chat", ""], ["--no-chat", ""], ["hello", "-p", "  "]])
+def test_empty_prompt_is_one_line(tiny_llada, args):
+    r = dllm("generate", "--model", str(tiny_llada), *args)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: prompt ") and "is empty" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_api_refuses_an_empty_prompt(tiny_llada):
+    from dllm import LLM
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        LLM(str(tiny_llada)).generate("")
+
+
+def test_a_file_as_model_says_it_is_a_file(tiny_llada):
+    r = dllm("generate", "--model", str(tiny_llada / "config.json"), "-p", "x")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: model '{tiny_llada / 'config.json'}' is a file; pass the checkpoint directory that holds config.json "
+        f"(here: '{tiny_llada}')")
 
 
 def test_missing_path(tmp_path):
