@@ -11,6 +11,7 @@ import sys
 
 from dllm.cache import CACHES
 from dllm.decoding import STRATEGIES
+from dllm.defaults import AUTO, describe
 from dllm.errors import DllmError
 from dllm.sampling_params import DREAM_ALGS, REMASKING, SamplingParams
 from dllm.zoo import DEFAULT_MODEL
@@ -34,20 +35,22 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
         g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     else:
         g.add_argument("--model", "-m", default=DEFAULT_MODEL, help=MODEL_HELP)
-    g.add_argument("--cache", default="none", metavar="{" + ",".join(CACHES) + "}",
+    g.add_argument("--cache", default=AUTO, metavar="{" + ",".join([AUTO, *CACHES]) + "}",
                    help="KV cache: none = recompute everything each step (exact); prefix = Fast-dLLM prefix cache "
                         "(prompt and finished blocks reused, refreshed at each block start); dual = Fast-dLLM dual "
                         "cache (also reuses the masked suffix after the block); block = exact block cache of "
                         "block-causal models (SDAR); dkv = dKV-Cache; elastic = Elastic-Cache; freecache = FreeCache "
-                        "(see README: KV caches). Default: none")
+                        "(see README: KV caches). Default: auto = the cache measured best with the strategy "
+                        "(see --strategy), else the exact one (none; SDAR: block)")
     g.add_argument("--cache-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the cache, repeatable (e.g. refresh_interval=4 for dkv, gamma=0.9 for elastic)")
-    g.add_argument("--strategy", default="reference", metavar="{" + ",".join(STRATEGIES) + "}",
+    g.add_argument("--strategy", default=AUTO, metavar="{" + ",".join([AUTO, *STRATEGIES]) + "}",
                    help="which masked positions a step commits: reference = the model family's own sampler "
                         "(LLaDA generate, Dream diffusion_generate, SDAR block_diffusion_generate); threshold = "
                         "Fast-dLLM, every position with confidence >= --threshold; factor = Fast-dLLM factor rule "
                         "(--factor); guided = FlashDLM's guided diffusion (needs --strategy-option guide=MODEL). "
-                        "Default: reference")
+                        f"Default: auto = the fastest setting within 1 point of reference on the zoo ({describe()}; "
+                        "BENCHMARKS.md); --strategy reference gives the published sampler")
     g.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine-level option of the strategy, repeatable (e.g. guide=tiny-ar mode=speculative)")
     g.add_argument("--dtype", default="auto",
@@ -64,7 +67,9 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--max-tokens", "--gen-length", dest="max_tokens", type=int, default=None,
                    help="generation length (LLaDA's gen_length): MASK positions appended to the prompt; a row stops "
-                        "earlier at a stop token. Default: the checkpoint's (128 for LLaDA)")
+                        "earlier at a stop token. Default: the checkpoint's (128 for LLaDA). The zoo models were "
+                        "trained on sequences of 160 tokens: keep prompt + max tokens within about 160 on them "
+                        "(beyond, they answer with nothing or garbage)")
     g.add_argument("--block-length", type=int, default=None,
                    help="semi-autoregressive block size; must divide --max-tokens. Default: 32 for LLaDA")
     g.add_argument("--steps", type=int, default=None,

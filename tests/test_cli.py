@@ -31,9 +31,10 @@ def test_generate_json(tiny_llada):
 
 def test_generate_matches_the_api(tiny_llada):
     from dllm import LLM, SamplingParams
-    want = LLM(str(tiny_llada)).chat([{"role": "user", "content": "hi"}],
-                                     SamplingParams(max_tokens=16, block_length=8, steps=8))[0]
-    r = dllm("generate", "--model", str(tiny_llada), "--chat", "--max-tokens", "16", "--block-length", "8", "--steps", "8",
+    want = LLM(str(tiny_llada), strategy="reference").chat([{"role": "user", "content": "hi"}],
+                                                           SamplingParams(max_tokens=16, block_length=8, steps=8))[0]
+    r = dllm("generate", "--model", str(tiny_llada), "--strategy", "reference", "--chat", "--max-tokens", "16",
+             "--block-length", "8", "--steps", "8",
              "--json", stdin="hi")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["token_ids"] == want.token_ids
@@ -45,11 +46,11 @@ def test_paper_caches_take_their_options(tiny_llada, cache, options):
     """One token a step (the reference sampler), so every cache has steps to reuse keys in."""
     from dllm import LLM, SamplingParams
     parsed = {k: float(v) if "." in v else int(v) for k, v in (o.split("=") for o in options)}
-    want = LLM(str(tiny_llada), cache=cache, cache_options=parsed).generate(
+    want = LLM(str(tiny_llada), cache=cache, strategy="reference", cache_options=parsed).generate(
         ["hello"], SamplingParams(max_tokens=16, block_length=8, steps=16, temperature=0))[0]
     flags = [x for o in options for x in ("--cache-option", o)]
-    r = dllm("generate", "--model", str(tiny_llada), "--no-chat", "-p", "hello", "--max-tokens", "16",
-             "--block-length", "8", "--steps", "16", "--temperature", "0", "--cache", cache, *flags, "--json")
+    r = dllm("generate", "--model", str(tiny_llada), "--no-chat", "-p", "hello", "--max-tokens", "16", "--strategy",
+             "reference", "--block-length", "8", "--steps", "16", "--temperature", "0", "--cache", cache, *flags, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["token_ids"] == want.token_ids and out["metrics"]["kv_fraction"] < 1
@@ -63,12 +64,14 @@ def test_chat_session(tiny_llada):
 
 @pytest.mark.parametrize("args,message", [
     (["--max-tokens", "30", "--block-length", "8"], "not divisible by block_length 8"),
-    (["--max-tokens", "32", "--block-length", "8", "--steps", "6"], "not a multiple of the number of blocks"),
+    (["--strategy", "reference", "--max-tokens", "32", "--block-length", "8", "--steps", "6"],
+     "not a multiple of the number of blocks"),
     (["--max-tokens", "512"], "exceeds the model's context"),
     (["--cache", "lru"], "unknown cache 'lru'; choose one of: none, prefix, dual"),
     (["--strategy", "greedy"], "unknown strategy 'greedy'"),
     (["--max-tokens", "many"], "invalid int value"),
-    (["--threshold", "0.9"], "threshold does not apply to strategy 'reference'"),
+    (["--strategy", "reference", "--threshold", "0.9"], "threshold does not apply to strategy 'reference'"),
+    (["--steps", "8"], "steps does not apply to strategy 'factor'"),   # the default on LLaDA (dllm/defaults.py)
     (["--cache", "dkv", "--cache-option", "window=2"], "cache 'dkv' has no option 'window'"),
     (["--cache", "elastic", "--cache-option", "gamma=high"], "cache option gamma='high' must be a float"),
     (["--cache", "dkv", "--cache-option", "refresh_interval"], "--cache-option 'refresh_interval' is not KEY=VALUE"),
