@@ -115,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint has one); --no-chat sends the raw text")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt (text, token_ids, finish_reason, metrics)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    chat = sub.add_parser("chat", help="interactive chat; the reply streams as blocks become final")
+    chat = sub.add_parser("chat", help="interactive chat; the reply streams as blocks become final",
+                          description="Interactive chat: each turn sends the whole conversation through the "
+                                      "checkpoint's chat template. Ctrl-C cancels a reply, /reset starts a new "
+                                      "conversation, /exit or Ctrl-D leaves. The bundled zoo models were trained on "
+                                      "one question per conversation of at most 160 tokens: on them, /reset between "
+                                      "questions.")
     _engine_options(chat)
     _sampling_options(chat)
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
@@ -238,33 +243,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from dllm import chat
     params = sampling_params(args)
-    llm = build_llm(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print("dllm chat: type a message; /reset clears the conversation, /exit or Ctrl-D leaves.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        reply = None
-        for event in llm.stream_chat(history, params):
-            sys.stdout.write(event.delta_text)
-            sys.stdout.flush()
-            reply = event.output or reply
-        print()
-        history.append({"role": "assistant", "content": reply.text})
-        m = reply.metrics
-        print(f"[{m.num_tokens} tokens, {m.nfe} forwards, {m.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    chat.run(build_llm(args), params, args.system)
 
 
 def eval_config(args: argparse.Namespace):
