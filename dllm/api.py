@@ -181,8 +181,6 @@ def _as_list(prompts) -> list:
 
 def _token_list(ids, vocab_size: int) -> list[int]:
     ids = list(ids)
-    if not ids:
-        raise InvalidParameterError("the prompt has no token ids; give at least one")
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
         raise InvalidParameterError(f"prompt token ids must be integers in [0, {vocab_size})")
     return ids
