@@ -56,6 +56,14 @@ class Terminal:
     def type(self, line: str) -> None:
         os.write(self.master, (line + "\n").encode())
 
+    def wait_for_output(self, timeout: float = 120) -> None:
+        """Wait until something is printed past the last read point."""
+        deadline = time.time() + timeout
+        while len(self.text) == self.pos and time.time() < deadline:
+            if self._ready(0.1):
+                self.text += self._read()
+        assert len(self.text) > self.pos, "nothing printed"
+
     def say(self, line: str) -> str:
         """Type `line` and return what is printed up to the next prompt."""
         self.type(line)
@@ -109,7 +117,8 @@ def test_ctrl_c_cancels_the_reply_not_the_session(chat):
     t = chat("--max-tokens", "400", "--block-length", "8", "--system", "be brief")   # hundreds of steps: time to interrupt
     assert "exceeds the model's context of 512 tokens" in t.say("x" * 200)       # a refused turn: the session goes on
     t.type("tell me a long story")
-    time.sleep(1.0)
+    t.read_until("tell me a long story\n")                      # the terminal's echo
+    t.wait_for_output()                                           # the first block of the reply: it is decoding
     t.ctrl_c()
     assert "[cancelled]" in t.read_until("\n> ")
     assert "[new conversation: the system message is kept]" in t.say("/reset")
