@@ -43,7 +43,7 @@ class Terminal:
 
     def _read(self) -> str:
         try:
-            return os.read(self.master, 65536).decode(errors="replace").replace("\r\n", "\n")
+            return os.read(self.master, 65536).decode(errors="replace").replace("\r", "")   # the terminal's \r\n
         except OSError:   # EIO: the process closed the terminal (it exited)
             return ""
 
