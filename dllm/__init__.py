@@ -12,8 +12,8 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Reques
 
 
 def __getattr__(name: str):
-    # `LLM` pulls in the `cache` and `decoding` packages, which themselves import small interfaces from
-    # `dllm`; importing it lazily keeps `import cache` (or `decoding`) first from being circular.
+    # `LLM` pulls in `dllm.cache` and `dllm.decoding`, which themselves import small interfaces from `dllm`;
+    # importing it lazily keeps `import dllm.cache` (or `dllm.decoding`) first from being circular.
     if name == "LLM":
         from dllm.api import LLM
         return LLM

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dllm.cache import cache_class
 from dllm.decoding import check_strategy_name
+from dllm.defaults import AUTO, resolve_cache, resolve_strategy
 from dllm.engine import Engine, Request
 from dllm.errors import InvalidParameterError
 from dllm.models.loader import load_model
@@ -25,6 +26,7 @@ from dllm.parallel import start_tensor_parallel
 from dllm.runner import ModelRunner
 from dllm.outputs import RequestOutput, StreamEvent
 from dllm.sampling_params import SamplingParams
+from dllm.threads import configure_cpu_threads
 from dllm.zoo import DEFAULT_MODEL
 
 PromptType = str | list[int] | dict
@@ -32,17 +34,18 @@ PromptType = str | list[int] | dict
 
 class LLM:
     """A loaded diffusion LM with one cache policy and one decoding strategy. `model`: a checkpoint directory,
-    a bundled zoo model (`tiny-llada`, the default, `tiny-dream`, `tiny-sdar`) or a hub id."""
+    a bundled zoo model (`tiny-llada`, the default, `tiny-dream`, `tiny-sdar`) or a hub id. `strategy` and
+    `cache` "auto" are the family's measured defaults (`dllm/defaults.py`); `strategy="reference"` is the
+    family's published sampler (with "auto", its exact cache)."""
 
-    def __init__(self, model: str | Path = DEFAULT_MODEL, *, cache: str = "none", strategy: str = "reference", dtype: str = "auto",
+    def __init__(self, model: str | Path = DEFAULT_MODEL, *, cache: str = AUTO, strategy: str = AUTO, dtype: str = "auto",
                  device: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
                  max_batch_size: int = 32, load_format: str = "safetensors", skip_tokenizer_init: bool = False,
                  seed: int = 0, cache_options: dict | None = None, strategy_options: dict | None = None,
                  enforce_eager: bool = False, tensor_parallel_size: int = 1):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise InvalidParameterError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
-        cache_class(cache).resolve_options(dict(cache_options or {}))  # bad names fail before the (long) load
-        check_strategy_name(strategy)
+        _check_names(cache, strategy, cache_options)  # bad names fail before the (long) load
         load = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, load_format=load_format,
                     seed=seed)
         runner = None
@@ -54,6 +57,12 @@ class LLM:
         if tensor_parallel_size != 1:
             runner = ModelRunner(self.loaded.model, self.loaded.arch, enforce_eager=enforce_eager,
                                  group=runner_args["group"])
+        family = self.loaded.spec.family
+        strategy = resolve_strategy(strategy, family)
+        cache = resolve_cache(cache, family, strategy)
+        cache_class(cache).resolve_options(dict(cache_options or {}))
+        if next(self.loaded.model.parameters()).device.type == "cpu":
+            configure_cpu_threads()
         self.engine = Engine(self.loaded, cache=cache, strategy=strategy, cache_options=cache_options,
                              strategy_options=strategy_options, enforce_eager=enforce_eager, runner=runner)
         self.max_batch_size = max_batch_size
@@ -103,6 +112,13 @@ class LLM:
                     sampling_params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         yield from self.stream(self._chat_prompts(messages), sampling_params)
 
+    def check_prompt(self, prompt: PromptType | list[dict], sampling_params: SamplingParams | None = None) -> None:
+        """Raise the error `generate` (or `chat`, for a list of messages) would raise for this prompt and these
+        parameters, such as a prompt that with `max_tokens` exceeds the context; decode nothing."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            prompt = self._chat_prompts(prompt)[0]
+        self._request(prompt, sampling_params or SamplingParams())
+
     def apply_chat_template(self, messages: list[dict]) -> str:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise InvalidParameterError("this checkpoint's tokenizer has no chat template; use generate() with a plain prompt")
@@ -139,6 +155,8 @@ class LLM:
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidParameterError("this LLM was built with skip_tokenizer_init=True; pass prompts as token ids")
+        if not text:  # it would tokenize to BOS alone: an answer to nothing
+            raise InvalidParameterError("the prompt is empty; give some text (or token ids)")
         return self.tokenizer.encode(text)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -159,6 +177,13 @@ class LLM:
         for group in groups.values():
             for i in range(0, len(group), self.max_batch_size):
                 yield from self.engine.run(group[i:i + self.max_batch_size], stream=stream)
+
+
+def _check_names(cache: str, strategy: str, cache_options: dict | None) -> None:
+    if cache != AUTO:
+        cache_class(cache).resolve_options(dict(cache_options or {}))
+    if strategy != AUTO:
+        check_strategy_name(strategy)
 
 
 def _as_list(prompts) -> list:

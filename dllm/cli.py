@@ -11,6 +11,7 @@ import sys
 
 from dllm.cache import CACHES
 from dllm.decoding import STRATEGIES
+from dllm.defaults import AUTO, describe
 from dllm.errors import DllmError
 from dllm.sampling_params import DREAM_ALGS, REMASKING, SamplingParams
 from dllm.zoo import DEFAULT_MODEL
@@ -34,24 +35,29 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
         g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=MODEL_HELP)
     else:
         g.add_argument("--model", "-m", default=DEFAULT_MODEL, help=MODEL_HELP)
-    g.add_argument("--cache", default="none", metavar="{" + ",".join(CACHES) + "}",
+    g.add_argument("--cache", default=AUTO, metavar="{" + ",".join([AUTO, *CACHES]) + "}",
                    help="KV cache: none = recompute everything each step (exact); prefix = Fast-dLLM prefix cache "
                         "(prompt and finished blocks reused, refreshed at each block start); dual = Fast-dLLM dual "
                         "cache (also reuses the masked suffix after the block); block = exact block cache of "
                         "block-causal models (SDAR); dkv = dKV-Cache; elastic = Elastic-Cache; freecache = FreeCache "
-                        "(see README: KV caches). Default: none")
+                        "(see README: KV caches). Default: auto = the cache measured best with the strategy "
+                        "(see --strategy), else the exact one (none; SDAR: block)")
     g.add_argument("--cache-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the cache, repeatable (e.g. refresh_interval=4 for dkv, gamma=0.9 for elastic)")
-    g.add_argument("--strategy", default="reference", metavar="{" + ",".join(STRATEGIES) + "}",
+    g.add_argument("--strategy", default=AUTO, metavar="{" + ",".join([AUTO, *STRATEGIES]) + "}",
                    help="which masked positions a step commits: reference = the model family's own sampler "
                         "(LLaDA generate, Dream diffusion_generate, SDAR block_diffusion_generate); threshold = "
                         "Fast-dLLM, every position with confidence >= --threshold; factor = Fast-dLLM factor rule "
-                        "(--factor); guided = FreeCache's guided diffusion (needs --strategy-option guide=MODEL). "
-                        "Default: reference")
+                        "(--factor); guided = FlashDLM's guided diffusion (needs --strategy-option guide=MODEL). "
+                        f"Default: auto = the fastest setting within 1 point of reference on the zoo ({describe()}; "
+                        "BENCHMARKS.md); --strategy reference gives the published sampler")
     g.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine-level option of the strategy, repeatable (e.g. guide=tiny-ar mode=speculative)")
-    g.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    g.add_argument("--dtype", default="auto",
+                   help="bfloat16, float16, float32, float64 or auto (bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (a GPU when there is one). On the CPU, torch uses OMP_NUM_THREADS "
+                        "threads when set, else the cores this process may run on (see README: CPU threads)")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when MODEL is a hub id")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own tokenizer code to run")
     g.add_argument(*batch_flags, dest="max_batch_size", type=int, default=32, metavar="N", help="most prompts decoded together in one batch")
@@ -61,7 +67,9 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--max-tokens", "--gen-length", dest="max_tokens", type=int, default=None,
                    help="generation length (LLaDA's gen_length): MASK positions appended to the prompt; a row stops "
-                        "earlier at a stop token. Default: the checkpoint's (128 for LLaDA)")
+                        "earlier at a stop token. Default: the checkpoint's (128 for LLaDA). The zoo models were "
+                        "trained on sequences of 160 tokens: keep prompt + max tokens within about 160 on them "
+                        "(beyond, they answer with nothing or garbage)")
     g.add_argument("--block-length", type=int, default=None,
                    help="semi-autoregressive block size; must divide --max-tokens. Default: 32 for LLaDA")
     g.add_argument("--steps", type=int, default=None,
@@ -107,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint has one); --no-chat sends the raw text")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt (text, token_ids, finish_reason, metrics)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    chat = sub.add_parser("chat", help="interactive chat; the reply streams as blocks become final")
+    chat = sub.add_parser("chat", help="interactive chat; the reply streams as blocks become final",
+                          description="Interactive chat: each turn sends the whole conversation through the "
+                                      "checkpoint's chat template. Ctrl-C cancels a reply, /reset starts a new "
+                                      "conversation, /exit or Ctrl-D leaves. The bundled zoo models were trained on "
+                                      "one question per conversation of at most 160 tokens: on them, /reset between "
+                                      "questions.")
     _engine_options(chat)
     _sampling_options(chat)
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
@@ -194,6 +207,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         prompts = [text] if text else []
     if not prompts:
         raise DllmError("no prompt given; pass --prompt TEXT, --prompt-file FILE, or text on stdin")
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:  # "" would become BOS alone (or an empty user turn): nothing to answer
+        raise DllmError(f"prompt {empty[0]} of {len(prompts)} is empty; give it some text")
     return prompts
 
 
@@ -227,33 +243,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from dllm import chat
     params = sampling_params(args)
-    llm = build_llm(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print("dllm chat: type a message; /reset clears the conversation, /exit or Ctrl-D leaves.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        reply = None
-        for event in llm.stream_chat(history, params):
-            sys.stdout.write(event.delta_text)
-            sys.stdout.flush()
-            reply = event.output or reply
-        print()
-        history.append({"role": "assistant", "content": reply.text})
-        m = reply.metrics
-        print(f"[{m.num_tokens} tokens, {m.nfe} forwards, {m.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    chat.run(build_llm(args), params, args.system)
 
 
 def eval_config(args: argparse.Namespace):

@@ -102,6 +102,9 @@ class Gsm8kTask:
         if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
             raise InvalidParameterError(f"num_fewshot must be a non-negative int, got {num_fewshot!r}")
         self.name = "gsm8k-cot-zeroshot" if cot_zeroshot else "gsm8k"
+        # Appended to the reason a prompt does not fit the model: the worked examples are most of its length.
+        self.fit_hint = (f"; {num_fewshot} worked examples make the prompt long: try --num-fewshot 0 (or fewer)"
+                         if num_fewshot else "")
         self.default_chat, self.cot_zeroshot = cot_zeroshot, cot_zeroshot
         self.fewshot_as_multiturn = fewshot_as_multiturn
         test = read_jsonl(Path(data_file)) if data_file is not None else load_split("test")

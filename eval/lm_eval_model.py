@@ -1,12 +1,12 @@
 """dllm as an lm-evaluation-harness model named "dllm": `generate_until` tasks (gsm8k, ...) decode through dllm's
 engine with its caches and strategies.
 
-    python -m eval.lm_eval_model --model dllm --tasks gsm8k --batch_size 32 \\
+    python -m dllm.eval.lm_eval_model --model dllm --tasks gsm8k --batch_size 32 \\
         --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,cache=dual,strategy=threshold,threshold=0.9,max_tokens=256
 
 lm-eval 0.4.x resolves `--model` against its own registry only (its CLI imports `lm_eval.models`, never an
-outside package), so `python -m eval.lm_eval_model` registers "dllm" and then runs lm-eval's own command line
-with the same arguments. From Python, `import eval.lm_eval_model` registers it for `lm_eval.simple_evaluate(
+outside package), so `python -m dllm.eval.lm_eval_model` registers "dllm" and then runs lm-eval's own command line
+with the same arguments. From Python, `import dllm.eval.lm_eval_model` registers it for `lm_eval.simple_evaluate(
 model="dllm", ...)`. (Plain `lm_eval --model dllm` needs entry-point discovery in lm-eval itself, which no
 0.4.x release has.)
 
@@ -32,6 +32,7 @@ import torch
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
+from dllm.defaults import AUTO
 from dllm.errors import InvalidParameterError
 from dllm.sampling_params import SamplingParams
 from dllm.zoo import DEFAULT_MODEL
@@ -48,7 +49,7 @@ NOT_SUPPORTED = ("dllm's lm-eval model implements generate_until only (e.g. gsm8
 class DllmLM(LM):
     """An lm-eval `LM` over `dllm.LLM`; see the module docstring for the arguments."""
 
-    def __init__(self, pretrained: str = DEFAULT_MODEL, cache: str | None = "none", strategy: str = "reference",
+    def __init__(self, pretrained: str = DEFAULT_MODEL, cache: str | None = AUTO, strategy: str = AUTO,
                  dtype: str | None = "auto", device: str | None = "auto", revision: str | None = None,
                  trust_remote_code: bool = False, batch_size: int | str = 32, max_batch_size: int | None = None,
                  **sampling):
@@ -64,8 +65,8 @@ class DllmLM(LM):
             logger.warning("no CUDA device: dllm runs on the CPU (lm-eval passed device=%s)", device)
             device = "cpu"
         self.batch_size = _batch_size(batch_size, max_batch_size)
-        self.cache, self.strategy = cache or "none", strategy  # lm-eval reads the value `none` as None
-        self.llm = LLM(str(pretrained), cache=self.cache, strategy=strategy, dtype=dtype or "auto",
+        # lm-eval reads the value `none` as None; "auto" resolves per family (dllm/defaults.py)
+        self.llm = LLM(str(pretrained), cache=cache or "none", strategy=strategy, dtype=dtype or "auto",
                        device=device or "auto", revision=revision, trust_remote_code=trust_remote_code,
                        max_batch_size=self.batch_size)
         self.stats = {"requests": 0, "tokens": 0, "nfe": 0, "generation_seconds": 0.0}
@@ -146,7 +147,7 @@ class DllmLM(LM):
     def get_model_info(self) -> dict:
         """Added to lm-eval's results["config"]: the dllm setting and the speed of the generations so far."""
         s = self.stats
-        return {"dllm_cache": self.cache, "dllm_strategy": self.strategy,
+        return {"dllm_cache": self.llm.engine.cache_name, "dllm_strategy": self.llm.engine.strategy_name,
                 "dllm_sampling": {k: v for k, v in dataclasses.asdict(self.sampling).items()
                                   if v != getattr(SamplingParams(), k)},
                 "dllm_requests": s["requests"], "dllm_tokens": s["tokens"], "dllm_nfe": s["nfe"],

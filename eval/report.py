@@ -42,12 +42,28 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def metrics_table(summary) -> str:
     m = summary.metrics
     names = [summary.primary_metric] + [k for k in m if k not in RUN_COLUMNS and k != summary.primary_metric
-                                        and k not in ("num_samples", "num_docs", "total_tokens")]
+                                        and k not in ("num_samples", "num_docs", "total_tokens", "num_skipped")]
     names += [k for k in RUN_COLUMNS if k != summary.primary_metric]
     rows = [[RUN_COLUMNS.get(k, k) + (" (primary)" if k == summary.primary_metric else ""), fmt(k, m.get(k))]
             for k in names]
-    rows += [["docs / samples", f"{m['num_docs']} / {m['num_samples']}"], ["total tokens", str(m["total_tokens"])]]
+    if "num_docs" in m:
+        rows += [["docs / samples", f"{m['num_docs']} / {m['num_samples']}"], ["total tokens", str(m["total_tokens"])]]
+    rows += [["skipped (prompt does not fit)", str(m.get("num_skipped", 0))]]
     return table(["metric", "value"], rows)
+
+
+def skipped_markdown(summary) -> str:
+    """The skipped samples (prompt longer than the model takes), the first 20 with their reason."""
+    if not summary.skipped:
+        return ""
+    lines = [f"- `{s['doc_id']}` (sample {s['sample']}): {s['reason']}" for s in summary.skipped[:20]]
+    more = f"\n- ... and {len(summary.skipped) - 20} more (summary.json)" if len(summary.skipped) > 20 else ""
+    return (f"## Skipped: {len(summary.skipped)} sample(s), not in the metrics\n\n" + "\n".join(lines) + more + "\n\n")
+
+
+def notice(text: str) -> None:
+    """One line for the person running an eval (stderr, beside the progress bar; shown with --no-progress too)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def run_markdown(summary) -> str:
@@ -60,7 +76,7 @@ def run_markdown(summary) -> str:
     return (f"# {s['task']} on {s['model']}\n\n{metrics_table(summary)}\n\n"
             f"Limit: {summary.limit if summary.limit is not None else 'none (all docs)'}; "
             f"records: `{Path(summary.output_dir) / 'samples.jsonl'}`.\n\n"
-            f"## Setting\n\n{table(['option', 'value'], setting_rows)}\n\n"
+            f"{skipped_markdown(summary)}## Setting\n\n{table(['option', 'value'], setting_rows)}\n\n"
             f"## Environment (latest session)\n\n{table(['', ''], env_rows)}\n\n## Definitions\n\n{definitions}\n")
 
 

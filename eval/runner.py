@@ -7,9 +7,12 @@ the public `LLM` API, into an output directory that makes the run resumable.
 
 The output directory holds `config.json` (the setting), `samples.jsonl` (one record per generated sample, written
 as soon as its batch is scored), `summary.json` and `report.md` (recomputed over every record at the end of each
-call). Calling again with the same setting skips the (doc_id, sample) pairs already recorded and appends the
-rest; a half-written last line (a kill mid-write) is dropped. Another setting in the same directory is refused
-unless `overwrite=True`. `limit` is not part of the setting: a larger limit extends a run, and the summary covers
+call). Calling again with the same setting skips the (doc_id, sample) pairs already recorded (and says how many)
+and appends the rest; a half-written last line (a kill mid-write) is dropped. Another setting in the same directory
+is refused unless `overwrite=True`. The setting is compared in canonical form (`canonical.py`: defaults written
+out), so spelling a default does not make another run. A document whose prompt the model cannot take (longer
+than its context with `max_tokens`) is recorded as skipped with the reason and left out of the metrics, which
+count it (`num_skipped`); when no prompt fits, the run is refused. A refused run leaves no directory behind. `limit` is not part of the setting: a larger limit extends a run, and the summary covers
 the docs the call selects. The runner knows tasks only through the `EvalTask` interface (`harness_tasks.py`) and
 the model only through `LLM.generate` / `LLM.chat`; metric definitions live in `metrics.py`, rendering in
 `report.py`.
@@ -19,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import time
 import uuid
@@ -30,16 +32,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dllm.errors import DllmError
+from dllm.errors import DllmError, InvalidParameterError
 from dllm.sampling_params import SamplingParams
 from dllm.zoo import DEFAULT_MODEL
 from dllm.eval import metrics, report
+from dllm.eval.store import EvalError, RunStore
 
 SCORING_THREADS = 8
-
-
-class EvalError(DllmError):
-    """A bad evaluation input: unknown task, missing data file, impossible sampling setting."""
 
 
 @dataclass
@@ -53,8 +52,8 @@ class EvalConfig:
     chat: bool | None = None                           # None: the task's default
     num_samples: int = 1                               # samples per doc (pass@k); > 1 needs temperature > 0
     batch_size: int = 32                               # samples per engine batch
-    cache: str = "none"
-    strategy: str = "reference"
+    cache: str = "auto"                                # "auto": the family's default (dllm/defaults.py)
+    strategy: str = "auto"
     cache_options: dict = field(default_factory=dict)      # LLM(cache_options=...)
     strategy_options: dict = field(default_factory=dict)   # LLM(strategy_options=...), e.g. a guide model
     sampling: dict = field(default_factory=dict)       # SamplingParams fields other than their defaults, no seed
@@ -97,6 +96,7 @@ class Summary:
     primary_metric: str
     limit: int | None
     output_dir: str
+    skipped: list = field(default_factory=list)        # {doc_id, sample, reason} of prompts the model cannot take
     definitions: dict = field(default_factory=lambda: dict(metrics.DEFINITIONS))
 
     @property
@@ -124,8 +124,9 @@ def truncate(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 def default_output_dir(config: EvalConfig) -> Path:
-    """runs/eval/<model>-<task>-<hash of the setting>: the same command resumes, another setting gets its own."""
-    digest = hashlib.sha1(json.dumps(config.setting(), sort_keys=True).encode()).hexdigest()[:8]
+    """runs/eval/<model>-<task>-<hash of the canonical setting>: the same command resumes (however its defaults are
+    spelled), another setting gets its own."""
+    digest = hashlib.sha1(json.dumps(resolved(config).setting(), sort_keys=True).encode()).hexdigest()[:8]
     return Path("runs") / "eval" / f"{Path(config.model).name}-{config.task}-{digest}"
 
 
@@ -140,6 +141,12 @@ def load_task(config: EvalConfig):
     except (ValueError, TypeError, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EvalError(f"task {config.task!r} with options {config.task_options}: {reason}") from None
+
+
+def resolved(config: EvalConfig, task=None) -> EvalConfig:
+    """`config` in canonical form (see `canonical.py`); a setting the runtime cannot run is an EvalError here."""
+    from dllm.eval.canonical import canonical
+    return canonical(config, task or load_task(config))
 
 
 def llm_options(config: EvalConfig) -> dict:
@@ -173,111 +180,41 @@ def run(config: EvalConfig, output_dir: str | Path, *, limit: int | None = None,
         raise EvalError(f"limit must be a positive integer, got {limit!r}")
     start = time.perf_counter()
     task = load_task(config)
-    config = dataclasses.replace(config, chat=task.default_chat if config.chat is None else config.chat)
-    store = RunStore(Path(output_dir), config.setting(), overwrite=overwrite)
+    config = resolved(config, task)
+    path = Path(output_dir)
+    existed = path.exists()
+    store = RunStore(path, config.setting(), overwrite=overwrite)
     units = [(doc, j) for doc in task.docs(limit=limit) for j in range(config.num_samples)]
     pending = [(doc, j) for doc, j in units if (doc.doc_id, j) not in store.done]
-    if pending:
-        session = _Session(config, task, store, llm_factory(config), start)
-        environment = session.run(pending, total=len(units), progress=progress, warmup=warmup, label=label)
-    else:
-        environment = store.previous_environment()
-    selected = {(doc.doc_id, j) for doc, j in units}
-    records = [r for r in store.records if (r["doc_id"], r["sample"]) in selected]
-    task_metrics = task.aggregate(records) if records else {}
-    summary = Summary(config.setting(), environment, metrics.summarize(records, task_metrics),
-                      task.primary_metric, limit, str(output_dir))
-    report.write_run(summary, Path(output_dir))
+    if len(pending) < len(units):
+        report.notice(f"resuming {path}: {len(units) - len(pending)} of {len(units)} samples already recorded, "
+                      f"{len(pending)} to decode")
+    try:
+        environment = _decode(config, task, store, pending, len(units), start, llm_factory, progress, warmup, label)
+    except DllmError:
+        if not existed:
+            store.discard()   # a refused setting leaves nothing behind
+        raise
+    summary = _summary(config, task, store, units, environment, limit, path)
+    report.write_run(summary, path)
     return summary
 
 
-class RunStore:
-    """A run directory: `config.json` (the setting, written once) and `samples.jsonl` (records, appended a batch
-    at a time with one write, flushed and synced). Every record line ends with a newline, so a kill mid-write
-    leaves whole lines and at most one unterminated tail, which is dropped when the directory is reopened."""
-
-    OUTPUTS = ("config.json", "samples.jsonl", "summary.json", "report.md")
-
-    def __init__(self, path: Path, setting: dict, overwrite: bool = False):
-        self.path, self.samples = path, path / "samples.jsonl"
-        path.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for name in self.OUTPUTS:
-                (path / name).unlink(missing_ok=True)
-        self._claim(setting)
-        self.records = self._read()
-        self.done = {(r["doc_id"], r["sample"]) for r in self.records}
-        self._prompts = {r["prompt_sha1"] for r in self.records if "prompt" in r}
-
-    def _claim(self, setting: dict) -> None:
-        config = self.path / "config.json"
-        if not config.is_file():
-            config.write_text(json.dumps(setting, indent=1, sort_keys=True) + "\n")
-            return
-        try:
-            saved = json.loads(config.read_text())
-        except json.JSONDecodeError:
-            raise EvalError(f"{config} is not valid JSON; delete the directory or pass --overwrite") from None
-        if saved != setting:
-            raise EvalError(f"{self.path} holds a run with another setting ({_differences(saved, setting)}); "
-                            "choose another --output directory or pass --overwrite to replace it")
-
-    def _read(self) -> list[dict]:
-        if not self.samples.is_file():
-            return []
-        data = self.samples.read_bytes()
-        complete, newline, tail = data.rpartition(b"\n")
-        if tail:  # an unterminated last line: the write of a batch was cut short
-            with open(self.samples, "r+b") as f:
-                f.truncate(len(complete) + len(newline))
-        records = []
-        for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise EvalError(f"{self.samples} line {number} is not valid JSON; delete that line or pass --overwrite") from None
-        return records
-
-    def append(self, records: list[dict]) -> None:
-        with open(self.samples, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            f.flush()
-            os.fsync(f.fileno())
-        self.records += records
-        self.done |= {(r["doc_id"], r["sample"]) for r in records}
-
-    def prompt_fields(self, prompt: str) -> dict:
-        """`prompt_sha1`, plus the prompt text the first time this directory's records see it."""
-        digest = hashlib.sha1(prompt.encode()).hexdigest()[:16]
-        if digest in self._prompts:
-            return {"prompt_sha1": digest}
-        self._prompts.add(digest)
-        return {"prompt_sha1": digest, "prompt": prompt}
-
-    def accuracy(self) -> float:
-        return sum(bool(r["correct"]) for r in self.records) / len(self.records) if self.records else 0.0
-
-    def previous_environment(self) -> dict:
-        summary = self.path / "summary.json"
-        try:
-            return json.loads(summary.read_text()).get("environment", {}) if summary.is_file() else {}
-        except json.JSONDecodeError:
-            return {}
+def _decode(config, task, store, pending, total, start, llm_factory, progress, warmup, label) -> dict:
+    if not pending:
+        return store.previous_environment()
+    session = _Session(config, task, store, llm_factory(config), start)
+    return session.run(pending, total=total, progress=progress, warmup=warmup, label=label)
 
 
-def _differences(saved: dict, new: dict, prefix: str = "") -> str:
-    keys = sorted(set(saved) | set(new))
-    parts = []
-    for k in keys:
-        a, b = saved.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _differences(a, b, f"{prefix}{k}.")
-            parts += [inner] if inner else []
-        elif a != b:
-            parts.append(f"{prefix}{k} {a!r} there, {b!r} now")
-    return "; ".join(parts)
+def _summary(config: EvalConfig, task, store: RunStore, units: list, environment: dict, limit, path: Path) -> Summary:
+    selected = {(doc.doc_id, j) for doc, j in units}
+    records = [r for r in store.records if (r["doc_id"], r["sample"]) in selected]
+    scored = [r for r in records if not r.get("skipped")]
+    skipped = [{"doc_id": r["doc_id"], "sample": r["sample"], "reason": r["reason"]} for r in records if r.get("skipped")]
+    task_metrics = task.aggregate(scored) if scored else {}
+    measured = {**metrics.summarize(scored, task_metrics), "num_skipped": len(skipped)} if scored else {"num_skipped": len(skipped)}
+    return Summary(config.setting(), environment, measured, task.primary_metric, limit, str(path), skipped=skipped)
 
 
 class _Session:
@@ -300,8 +237,13 @@ class _Session:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def run(self, pending: list, total: int, progress: bool, warmup: bool, label: str) -> dict:
+        pending, skipped = self._fitting(pending)
+        if skipped:
+            self.store.append(skipped)
+            report.notice(f"skipped {len(skipped)} sample(s) whose prompt does not fit, e.g. {skipped[0]['doc_id']}: "
+                          f"{skipped[0]['reason']} (listed in summary.json)")
         bar = report.Progress(total=total, done=total - len(pending), enabled=progress, desc=label)
-        if warmup:  # the first batch would otherwise pay for lazy initialisation (kernels, allocator)
+        if warmup and pending:  # the first batch would otherwise pay for lazy initialisation (kernels, allocator)
             self._generate(pending[:1])
         total_tokens, total_seconds = 0, 0.0
         for i in range(0, len(pending), self.config.batch_size):
@@ -313,6 +255,22 @@ class _Session:
             bar.update(len(batch), accuracy=self.store.accuracy(), tokens_per_second=total_tokens / total_seconds)
         bar.close()
         return self.environment()
+
+    def _fitting(self, pending: list) -> tuple[list, list[dict]]:
+        """(the units whose prompt the model can take, skip records of the others). Nothing fitting is an error."""
+        fits, skipped = [], []
+        for doc, j in pending:
+            try:
+                self.llm.check_prompt(self.task.prompt(doc, self.config.chat), self.params)
+                fits.append((doc, j))
+            except InvalidParameterError as exc:
+                reason = f"{exc}{getattr(self.task, 'fit_hint', '')}"
+                skipped.append({"doc_id": doc.doc_id, "sample": j, "skipped": True, "reason": reason,
+                                "correct": False, "session": self.id, "time": time.time()})
+        if skipped and not fits:
+            raise InvalidParameterError(f"no prompt of the {len(pending)} to decode fits, e.g. {skipped[0]['doc_id']}: "
+                                        f"{skipped[0]['reason']}")
+        return fits, skipped
 
     def _generate(self, batch: list) -> tuple[list, float]:
         prompts = [self.task.prompt(doc, self.config.chat) for doc, _ in batch]

@@ -3,8 +3,9 @@
 `write_tiny_llada(path, ...)` writes a directory that looks like GSAI-ML/LLaDA-8B-Instruct on the
 hub, only small:
 
-- config.json with every field of the real LLaDA-8B-Instruct config.json (read from
-  ../shared/data/checkpoints/LLaDA-8B-Instruct/config.json beside the checkout), the model dimensions overridden, and vocab/special ids set to the tiny tokenizer's ids;
+- config.json with every field of the real LLaDA-8B-Instruct config.json (committed in
+  tests/data/checkpoints/LLaDA-8B-Instruct/), the model dimensions overridden, and vocab/special ids set to the
+  tiny tokenizer's ids;
 - generation_config.json (bos/eos ids);
 - weights under LLaDA's real parameter names (`model.transformer.wte.weight`,
   `model.transformer.blocks.N.q_proj.weight`, ...), either one `model.safetensors` or
@@ -17,7 +18,9 @@ hub, only small:
 (JetLM/SDAR-4B-Chat) do the same for the Qwen2- and Qwen3-based families; see the section at the end.
 
 `load_tiny_state_dict(path)` reads the config and all weights back (used by the reference oracles);
-`special_token_ids(path)` returns the special-token ids of any of the three families.
+`special_token_ids(path)` returns the special-token ids of any of the three families;
+`with_stand_in_vocab(name, dst)` copies a real metadata folder and adds a vocabulary of the real size, so that
+its tokenizer loads (see tests/data/README.md).
 This module does not import anything from the runtime packages (dllm, decoding, cache).
 """
 from __future__ import annotations
@@ -29,11 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-import os  # noqa: E402
-
-# The real checkpoint files live in the project's shared data directory beside the checkout.
-REAL_DIR = pathlib.Path(os.environ.get("DLLM_SHARED_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared")) \
-    / "data" / "checkpoints" / "LLaDA-8B-Instruct"
+# The real checkpoints' metadata (no weights), committed with the tests: see tests/data/README.md.
+DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
+REAL_DIR = DATA_DIR / "checkpoints" / "LLaDA-8B-Instruct"
 
 # Special tokens with LLaDA's names, in this order after the 256 byte tokens.
 BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
@@ -42,10 +43,9 @@ NUM_BYTE_TOKENS = 256
 
 
 def _require(path: pathlib.Path) -> pathlib.Path:
-    """The real metadata lives in the project's shared data directory, never in this repository."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the tiny checkpoints copy the real checkpoints' metadata from "
-                                "../shared/data/checkpoints beside the checkout (or set DLLM_SHARED_DIR)")
+        raise FileNotFoundError(f"{path} is missing: the tiny checkpoints copy the real checkpoints' metadata "
+                                "committed in tests/data/checkpoints (see tests/data/README.md)")
     return path
 
 
@@ -232,7 +232,7 @@ FAMILIES = {
 
 def _real_metadata(family: str) -> dict:
     """config / generation_config / tokenizer_config (no added_tokens_decoder) / special_tokens_map /
-    chat template of the real checkpoint, from the shared folder."""
+    chat template of the real checkpoint, from tests/data/checkpoints."""
     d = CHECKPOINTS_DIR / FAMILIES[family]["folder"]
     read = lambda name: json.loads(_require(d / name).read_text())  # noqa: E731
     meta = {k: read(f"{k}.json") for k in ("config", "generation_config", "tokenizer_config", "special_tokens_map")}
@@ -393,3 +393,21 @@ def qwen_special_token_ids(path, family: str | None = None) -> dict[str, int]:
     ids = {key: tok.token_to_id(t) for key, (t, _) in zip(spec["keys"], spec["tokens"])}
     ids["pad"] = ids["eos"]
     return ids
+
+
+def with_stand_in_vocab(name: str, dst) -> pathlib.Path:
+    """A copy of tests/data/checkpoints/<name> whose tokenizer loads: the real BPE vocabulary (MBs) is not committed,
+    so `vocab.json` gets the 256 byte-level symbols and placeholders up to the first added token's id, and an empty
+    `merges.txt`. The added tokens of the real tokenizer_config.json then get their real ids (a tokenizer numbers
+    added tokens after its vocabulary), and the chat template is the real one."""
+    src, dst = DATA_DIR / "checkpoints" / name, pathlib.Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    added = json.loads((src / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    first_added = min(int(i) for i in added)
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({f"<placeholder_{i}>": i for i in range(len(vocab), first_added)})
+    (dst / "vocab.json").write_text(json.dumps(vocab))
+    (dst / "merges.txt").write_text("#version: 0.2\n")
+    return dst

@@ -83,6 +83,7 @@ def test_bench_two_by_two(tmp_path):
     assert rows["threshold/none"]["config"]["sampling"] == {"max_tokens": 64, "threshold": 0.9}
     assert [x["setting"] for x in bench["refused"]] == ["reference/block", "threshold/block"]
     assert all("cache 'block' needs block_causal attention" in x["reason"] for x in bench["refused"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["reference-none", "threshold-none"]
     table = (tmp_path / "bench.md").read_text()
     assert "| reference/none (baseline) |" in table and "1.00x" in table and "- threshold/block: cache 'block'" in table
     if importlib.util.find_spec("matplotlib"):

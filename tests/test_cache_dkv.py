@@ -17,7 +17,7 @@ _BUILT: dict = {}
 def llm(path, **options) -> LLM:
     key = (str(path), tuple(sorted(options.items())))
     if key not in _BUILT:
-        _BUILT[key] = LLM(str(path), cache="dkv", cache_options=options, device="cpu", dtype="float32")
+        _BUILT[key] = LLM(str(path), cache="dkv", cache_options=options, device="cpu", dtype="float32", strategy="reference")
     return _BUILT[key]
 
 
@@ -120,7 +120,7 @@ def test_refresh_every_step_equals_no_cache(llada, dream, family):
     p = prompt(9, 5)
     extra = {"alg": "maskgit_plus"} if family == "dream" else {}   # Dream's default `origin` order is random
     params = SamplingParams(max_tokens=16, block_length=8, steps=16, ignore_eos=True, temperature=0, **extra)
-    want = LLM(str(path), device="cpu", dtype="float32").generate([p], params)[0]  # same dtype as llm()
+    want = LLM(str(path), device="cpu", dtype="float32", strategy="reference").generate([p], params)[0]  # same dtype as llm()
     got = llm(path, refresh_interval=1).generate([p], params)[0]
     assert got.token_ids == want.token_ids
     assert got.metrics.kv_fraction == pytest.approx(1.0)
@@ -147,14 +147,14 @@ def test_batched_rows_equal_their_runs_alone(llada, dream, family, strategy):
 def test_bad_options_and_models_are_refused(llada, tiny_sdar):
     path = llada[0]
     with pytest.raises(InvalidParameterError, match="variant"):
-        LLM(str(path), cache="dkv", cache_options={"variant": "greedy"}, device="cpu").generate(
+        LLM(str(path), cache="dkv", cache_options={"variant": "greedy"}, device="cpu", strategy="reference").generate(
             ["hi"], SamplingParams(max_tokens=8, block_length=8))
     with pytest.raises(InvalidParameterError, match="no option 'window'"):
-        LLM(str(path), cache="dkv", cache_options={"window": 2}, device="cpu")
+        LLM(str(path), cache="dkv", cache_options={"window": 2}, device="cpu", strategy="reference")
     with pytest.raises(InvalidParameterError, match="cfg_scale"):
         llm(path).generate(["hi"], SamplingParams(max_tokens=8, block_length=8, cfg_scale=1.0))
     with pytest.raises(InvalidParameterError, match="full attention"):
-        LLM(str(tiny_sdar), cache="dkv", device="cpu")
+        LLM(str(tiny_sdar), cache="dkv", device="cpu", strategy="reference")
 
 
 @pytest.mark.parametrize("plen,gen,block,steps,n,window", [(5, 8, 4, 8, 2, 2), (5, 8, 4, 8, 2, 0), (7, 32, 8, 32, 2, 4),

@@ -37,7 +37,7 @@ NO_EOS = -1
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, shared_dir):
+def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     llada = write_tiny_llada(root / "llada4", seed=0, n_layers=4)
     dream = write_tiny_dream(root / "dream3", seed=0, num_hidden_layers=3)   # GQA: 4 query heads, 2 KV heads
@@ -257,7 +257,7 @@ def test_forced_restart_every_step_equals_uncached_window_decoding(models, monke
 def test_refused_combinations(models, tiny_sdar):
     path = models["llada"][0]
     with pytest.raises(InvalidParameterError, match="cache 'elastic' needs full attention") as e:
-        LLM(str(tiny_sdar), cache="elastic")
+        LLM(str(tiny_sdar), cache="elastic", strategy="reference")
     messages = [str(e.value)]
     with pytest.raises(InvalidParameterError, match="does not support cfg_scale") as e:
         _llm(path).generate([_prompt(5, 0)], SamplingParams(max_tokens=8, block_length=8, cfg_scale=1.0))
@@ -270,7 +270,7 @@ def test_refused_combinations(models, tiny_sdar):
                            ({"gamma": float("nan")}, "gamma must be a finite number"),
                            ({"block_caching": "maybe"}, "block_caching='maybe' must be a bool")]:
         with pytest.raises(InvalidParameterError, match=match) as e:
-            LLM(str(path), cache="elastic", cache_options=options, device="cpu")
+            LLM(str(path), cache="elastic", cache_options=options, device="cpu", strategy="reference")
         messages.append(str(e.value))
     assert all("\n" not in m for m in messages)
     # CLI-style strings are read as the option's type

@@ -10,7 +10,7 @@ from dllm.errors import InvalidParameterError
 @pytest.mark.parametrize("family", ["tiny_llada", "tiny_dream"])
 def test_block_cache_needs_block_causal_attention(request, family):
     with pytest.raises(InvalidParameterError, match="cache 'block' needs block_causal attention"):
-        LLM(str(request.getfixturevalue(family)), cache="block")
+        LLM(str(request.getfixturevalue(family)), cache="block", strategy="reference")
 
 
 @pytest.mark.parametrize("family,kwargs,message", [

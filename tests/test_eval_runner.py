@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ class Counting:
 
     def __init__(self, llm, fail_after: int | None = None):
         self.llm, self.fail_after, self.calls, self.prompts = llm, fail_after, 0, 0
-        self.spec, self.engine = llm.spec, llm.engine
+        self.spec, self.engine, self.check_prompt = llm.spec, llm.engine, llm.check_prompt
 
     def chat(self, conversations, params):
         if self.fail_after is not None and self.calls == self.fail_after:
@@ -70,7 +71,8 @@ def test_small_run_records_summary_report(llm, tmp_path):
     assert m["throughput"] == pytest.approx(m["total_tokens"] / sum({r["batch"]: r["batch_seconds"] for r in records}.values()))
     assert m["peak_gpu_memory_gib"] is None and summary.environment["device"] == "cpu"
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["metrics"] == m and saved["setting"]["sampling"] == {"max_tokens": 128, "threshold": 0.9}
+    assert saved["metrics"] == m and saved["setting"]["sampling"] == {  # canonical: the defaults written out
+        "max_tokens": 128, "threshold": 0.9, "block_length": 32, "temperature": 0.0}
     assert saved["setting"]["chat"] is True and "tokens" in saved["definitions"]
     assert "| accuracy (primary) |" in (tmp_path / "report.md").read_text()
 
@@ -99,7 +101,7 @@ def test_resume_after_a_crash_and_a_torn_line(llm, tmp_path):
 def test_resume_after_kill(tmp_path):
     """The real command, killed (SIGKILL) once records appear, then run again to the end."""
     args = [sys.executable, "-m", "dllm.cli", "eval", "--task", "arith", "--limit", "4", "--batch-size", "1",
-            "--max-tokens", "64", "--steps", "16", "--device", "cpu", "--output", str(tmp_path), "--no-progress"]
+            "--max-tokens", "64", "--strategy", "reference", "--steps", "16", "--device", "cpu", "--output", str(tmp_path), "--no-progress"]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples, deadline = tmp_path / "samples.jsonl", time.time() + 120
     while time.time() < deadline and not (samples.is_file() and samples.read_bytes().count(b"\n") >= 1):
@@ -178,3 +180,51 @@ def test_cli_error_exit_status(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: unknown eval task 'gsm9k'; choose one of: gsm8k, humaneval, arith, gsm-lite, code-lite"]
+
+
+DATA = pathlib.Path(__file__).parent / "data" / "gsm8k" / "test.jsonl"
+
+
+def eval_cli(*args) -> list[str]:
+    return ["eval", "--device", "cpu", "--no-progress", *args]
+
+
+def test_a_prompt_that_does_not_fit_is_skipped_and_counted(tmp_path, capsys):
+    """One shot: gsm8k/0's prompt (582 tokens) does not fit the 512-token model; the other three are decoded."""
+    out = tmp_path / "run"
+    assert main(eval_cli("--task", "gsm8k", "--data-file", str(DATA), "--num-fewshot", "1", "--max-tokens", "64",
+                         "--output", str(out))) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 sample(s) whose prompt does not fit, e.g. gsm8k/0: prompt of 582 tokens" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["num_skipped"] == 1 and summary["metrics"]["num_samples"] == 3
+    (skipped,) = summary["skipped"]
+    assert skipped["doc_id"] == "gsm8k/0" and "exceeds the model's context of 512 tokens" in skipped["reason"]
+    assert "try --num-fewshot 0" in skipped["reason"]
+    assert [r["doc_id"] for r in lines(out)] == ["gsm8k/0", "gsm8k/1", "gsm8k/2", "gsm8k/3"]
+    report = (out / "report.md").read_text()
+    assert "## Skipped: 1 sample(s), not in the metrics" in report and "| skipped (prompt does not fit) | 1 |" in report
+
+
+def test_no_prompt_fits_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(eval_cli("--task", "gsm8k", "--data-file", str(DATA), "--output", str(out))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no prompt of the 4 to decode fits, e.g. gsm8k/0")
+    assert "5 worked examples make the prompt long: try --num-fewshot 0" in err[0]
+    assert not out.exists()
+
+
+def test_spelled_out_defaults_resume_the_same_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    quick = ("--task", "arith", "--limit", "2", "--max-tokens", "64")
+    assert main(eval_cli(*quick)) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[-1])["output_dir"]
+    spelled = ("--strategy", "factor", "--cache", "freecache", "--factor", "1.0", "--block-length", "32", "--chat",
+               "--temperature", "0")
+    assert main(eval_cli(*quick, *spelled)) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[-1])["output_dir"] == first
+    assert f"resuming {first}: 2 of 2 samples already recorded, 0 to decode" in captured.err
+    assert main(eval_cli(*quick, "--strategy", "reference")) == 0       # another setting: another directory
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["output_dir"] != first

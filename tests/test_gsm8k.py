@@ -1,7 +1,8 @@
 """GSM8K and the text zoo tasks through the harness contract (CPU, fast): gold solutions score 100%, wrong
 answers 0, and the prompts are lm-evaluation-harness's `gsm8k` format. The few-shot indices below are the
 ones lm-eval 0.4.13 (`build_all_requests` with its default fewshot seed 1234) gives the first two test
-documents; the test data comes from the project's shared directory (`conftest.shared_dir`)."""
+documents of the full data set; lm-eval's own sampler checks them again, and draws the shots of the committed
+10-problem excerpt (`conftest.gsm8k_dir`: 4 test, 6 train problems)."""
 from __future__ import annotations
 
 import json
@@ -9,18 +10,18 @@ import json
 import pytest
 
 from dllm.errors import DatasetUnavailableError, InvalidParameterError
-from dllm.eval.gsm8k import COT_INSTRUCTION
+from dllm.eval.gsm8k import COT_INSTRUCTION, FEWSHOT_SEED, fewshot_indices
 from dllm.eval.harness_tasks import EVAL_TASKS, get_eval_task
 
-LM_EVAL_SHOTS = {0: (6374, 3610, 957, 61, 742), 1: (7462, 6610, 4769, 286, 5501)}
+LM_EVAL_SHOTS = {0: [6374, 3610, 957, 61, 742], 1: [7462, 6610, 4769, 286, 5501]}
+FULL_TRAIN_SIZE = 7473
 
 
-@pytest.fixture(scope="module")
-def gsm8k_dir(shared_dir):
-    path = shared_dir / "data" / "gsm8k"
-    if not (path / "test.jsonl").is_file() or not (path / "train.jsonl").is_file():
-        pytest.skip(f"GSM8K test/train JSONL are not in {path}")
-    return path
+def lm_eval_shots(train: list, num_docs: int, k: int = 5) -> list[list]:
+    """The shots lm-eval's own default sampler draws for the first `num_docs` test documents, in order."""
+    from lm_eval.api.samplers import ContextSampler
+    sampler = ContextSampler(train, rnd=FEWSHOT_SEED)
+    return [list(sampler.sample(k)) for _ in range(num_docs)]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def gsm8k(gsm8k_dir):
 
 def test_gold_solutions_score_100_percent(gsm8k):
     docs = gsm8k.docs()
-    assert len(docs) == 1319 and docs[17].doc_id == "gsm8k/17"
+    assert len(docs) == 4 and docs[3].doc_id == "gsm8k/3"
     records = [{"doc_id": d.doc_id, **gsm8k.score(d, d.data["answer"])} for d in docs]
     assert gsm8k.aggregate(records) == {"strict_accuracy": 1.0, "flexible_accuracy": 1.0}
     assert all(isinstance(r["extracted"], str) for r in records)
@@ -54,18 +55,24 @@ def test_wrong_answers_score_0(gsm8k):
     assert gsm8k.score(doc, "so #### $18.00")["correct"]
 
 
+def test_fewshot_indices_are_lm_evals_on_the_full_train_split():
+    full = list(range(FULL_TRAIN_SIZE))
+    assert fewshot_indices(2, FULL_TRAIN_SIZE, 5) == lm_eval_shots(full, 2) == [LM_EVAL_SHOTS[0], LM_EVAL_SHOTS[1]]
+
+
 def test_fewshot_prompt_is_lm_eval_format(gsm8k, records):
     test, train = records
+    drawn = lm_eval_shots(train, 2)
     for i, doc in enumerate(gsm8k.docs(2)):
-        shots = [train[j] for j in LM_EVAL_SHOTS[i]]
+        shots = drawn[i]
         expected = ""
         for s in shots:
             expected += "Question: " + s["question"] + "\nAnswer: " + s["answer"] + "\n\n"
         expected += "Question: " + test[i]["question"] + "\nAnswer:"
         assert gsm8k.prompt(doc, chat=False) == expected
     first = gsm8k.prompt(gsm8k.docs(1)[0], chat=False)      # doc 0 with its five shots, read from the data
-    assert first.startswith("Question: " + train[LM_EVAL_SHOTS[0][0]]["question"] + "\nAnswer: ")
-    assert first.endswith(train[LM_EVAL_SHOTS[0][-1]]["answer"] + "\n\nQuestion: " + test[0]["question"] + "\nAnswer:")
+    assert first.startswith("Question: " + drawn[0][0]["question"] + "\nAnswer: ")
+    assert first.endswith(drawn[0][-1]["answer"] + "\n\nQuestion: " + test[0]["question"] + "\nAnswer:")
     assert gsm8k.stop_sequences(chat=False) == gsm8k.stop_sequences(chat=True) == ["Question:", "</s>", "<|im_end|>"]
     assert gsm8k.default_chat is False and gsm8k.primary_metric == "strict_accuracy"
 
@@ -78,15 +85,16 @@ def test_fewshot_does_not_depend_on_limit_and_seed_changes_it(gsm8k, gsm8k_dir):
     assert other.prompt(doc, False) != gsm8k.prompt(gsm8k.docs(1)[0], False)
 
 
-def test_chat_wrapping(gsm8k, gsm8k_dir):
+def test_chat_wrapping(gsm8k, gsm8k_dir, records):
+    first_shot = lm_eval_shots(records[1], 1)[0][0]
     doc = gsm8k.docs(1)[0]
     text = gsm8k.prompt(doc, chat=False)
     assert gsm8k.prompt(doc, chat=True) == [{"role": "user", "content": text}]
     multiturn = get_eval_task("gsm8k", data_file=str(gsm8k_dir / "test.jsonl"), fewshot_as_multiturn=True)
     messages = multiturn.prompt(doc, chat=True)
     assert [m["role"] for m in messages] == ["user", "assistant"] * 5 + ["user"]
-    assert messages[0]["content"].startswith("Question: Jen and Tyler") and messages[0]["content"].endswith("\nAnswer:")
-    assert messages[1]["content"].endswith("#### 12")
+    assert messages[0]["content"] == f"Question: {first_shot['question']}\nAnswer:"
+    assert messages[1]["content"] == first_shot["answer"]
     assert messages[-1]["content"] == f"Question: {doc.data['question']}\nAnswer:"
     assert multiturn.prompt(doc, chat=False) == text
 

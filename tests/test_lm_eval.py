@@ -1,5 +1,5 @@
 """The lm-evaluation-harness model "dllm" (`eval/lm_eval_model.py`): a local JSONL-backed generate_until task run end
-to end through lm-eval's `simple_evaluate` and through its command line (`python -m eval.lm_eval_model`) on the
+to end through lm-eval's `simple_evaluate` and through its command line (`python -m dllm.eval.lm_eval_model`) on the
 bundled tiny-llada; its answers equal `LLM.chat` on the same prompts; likelihood requests are refused."""
 from __future__ import annotations
 

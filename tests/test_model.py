@@ -76,10 +76,10 @@ def test_spec_comes_from_the_checkpoint(tiny_llada):
     assert spec.pad_id == cfg["pad_token_id"] and spec.max_length == cfg["max_sequence_length"]
 
 
-def test_real_llada_8b_config_and_weight_index_map_onto_the_core(shared_dir):
+def test_real_llada_8b_config_and_weight_index_map_onto_the_core(real_checkpoints):
     """Every tensor of the real LLaDA-8B-Instruct index maps to a core parameter of the right count, and the
     parameter count equals the index's byte size at 2 bytes a parameter."""
-    ckpt = shared_dir / "data/checkpoints/LLaDA-8B-Instruct"
+    ckpt = real_checkpoints / "LLaDA-8B-Instruct"
     cfg = json.loads((ckpt / "config.json").read_text())
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     adapter = adapter_for(cfg)
@@ -94,8 +94,8 @@ def test_real_llada_8b_config_and_weight_index_map_onto_the_core(shared_dir):
     assert sorted(mapped) == sorted(params)
 
 
-def test_cache_buffers_hold_the_real_shape(shared_dir):
-    cfg = json.loads((shared_dir / "data/checkpoints/LLaDA-8B-Instruct/config.json").read_text())
+def test_cache_buffers_hold_the_real_shape(real_checkpoints):
+    cfg = json.loads((real_checkpoints / "LLaDA-8B-Instruct/config.json").read_text())
     arch = adapter_for(cfg).arch_config(cfg)
     from dllm.models.spec import ModelSpec
     policy = CachePolicy()

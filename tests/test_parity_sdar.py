@@ -102,7 +102,7 @@ def test_block_cache_writes_each_finished_block_once(tiny_sdar):
     """Which columns each forward computes: the first block's forward prefills the prompt, every later block's
     first forward adds only the block just finished, and in-block steps compute the block alone."""
     from dllm import LLM
-    llm = LLM(str(tiny_sdar), cache="block")
+    llm = LLM(str(tiny_sdar), cache="block", strategy="reference")
     fed = []
     forward = llm.engine.runner.forward
 

@@ -1,4 +1,4 @@
-"""The real checkpoints' metadata (configs, weight indexes, tokenizers in ../shared; no weights): every family's
+"""The real checkpoints' metadata (configs, weight indexes, tokenizer configs in tests/data; no weights): every family's
 config and tensor names map onto the core exactly, ids come from the checkpoint, and what cannot load says why."""
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+
+from checkpoints import with_stand_in_vocab
 
 from dllm import LLM
 from dllm.errors import ModelNotFoundError, UnsupportedModelError
@@ -26,9 +28,9 @@ def _read(ckpt, name):
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_config_and_weight_index_map_onto_the_core(shared_dir, name):
+def test_config_and_weight_index_map_onto_the_core(real_checkpoints, name):
     family, dims = CHECKPOINTS[name]
-    ckpt = shared_dir / "data/checkpoints" / name
+    ckpt = real_checkpoints / name
     cfg, index = _read(ckpt, "config.json"), _read(ckpt, "model.safetensors.index.json")
     adapter = adapter_for(cfg)
     arch = adapter.arch_config(cfg)
@@ -41,8 +43,14 @@ def test_config_and_weight_index_map_onto_the_core(shared_dir, name):
     assert None not in mapped and sorted(mapped) == sorted(params)
 
 
-def test_sdar_spec_and_tokenizer_from_the_real_files(shared_dir):
-    ckpt = shared_dir / "data/checkpoints/SDAR-4B-Chat"
+@pytest.fixture(scope="module")
+def sdar_4b(tmp_path_factory):
+    """SDAR-4B-Chat's real metadata with a stand-in vocabulary of the real size (tests/data/README.md)."""
+    return with_stand_in_vocab("SDAR-4B-Chat", tmp_path_factory.mktemp("sdar") / "SDAR-4B-Chat")
+
+
+def test_sdar_spec_and_tokenizer_from_the_real_files(sdar_4b):
+    ckpt = sdar_4b
     cfg, gen = _read(ckpt, "config.json"), _read(ckpt, "generation_config.json")
     tok = load_tokenizer(ckpt)
     spec = adapter_for(cfg).spec(cfg, gen, tok)
@@ -54,8 +62,8 @@ def test_sdar_spec_and_tokenizer_from_the_real_files(shared_dir):
     assert text.startswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_dream_spec_from_the_real_config(shared_dir):
-    ckpt = shared_dir / "data/checkpoints/Dream-v0-Instruct-7B"
+def test_dream_spec_from_the_real_config(real_checkpoints):
+    ckpt = real_checkpoints / "Dream-v0-Instruct-7B"
     cfg, gen = _read(ckpt, "config.json"), _read(ckpt, "generation_config.json")
     spec = adapter_for(cfg).spec(cfg, gen, None)
     assert spec.mask_id == cfg["mask_token_id"] and spec.shift_logits and spec.attention == "full"
@@ -63,18 +71,18 @@ def test_dream_spec_from_the_real_config(shared_dir):
     assert spec.defaults["alg"] == gen["alg"] and spec.defaults["eps"] == gen["eps"]
 
 
-def test_dream_custom_tokenizer_needs_remote_code(shared_dir):
+def test_dream_custom_tokenizer_needs_remote_code(real_checkpoints):
     with pytest.raises(UnsupportedModelError, match=r"custom code \(DreamTokenizer\); pass trust_remote_code=True"):
-        LLM(str(shared_dir / "data/checkpoints/Dream-v0-Instruct-7B"))
+        LLM(str(real_checkpoints / "Dream-v0-Instruct-7B"))
 
 
-def test_checkpoint_without_weights_says_so(shared_dir):
+def test_checkpoint_without_weights_says_so(sdar_4b):
     with pytest.raises(ModelNotFoundError, match="missing shard"):
-        LLM(str(shared_dir / "data/checkpoints/SDAR-4B-Chat"))
+        LLM(str(sdar_4b))
 
 
-def test_sdar_moe_is_refused_clearly(shared_dir, tmp_path):
-    cfg = _read(shared_dir / "data/checkpoints/SDAR-4B-Chat", "config.json")
+def test_sdar_moe_is_refused_clearly(real_checkpoints):
+    cfg = _read(real_checkpoints / "SDAR-4B-Chat", "config.json")
     cfg.update(model_type="sdar_moe", architectures=["SDARMoeForCausalLM"])
     with pytest.raises(UnsupportedModelError, match="SDAR MoE checkpoints .* are not supported yet"):
         adapter_for(cfg).arch_config(cfg)

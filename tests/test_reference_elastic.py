@@ -31,7 +31,7 @@ NO_EOS = -1          # an id no argmax can produce: EOS truncation off
 
 
 @pytest.fixture(scope="module")
-def llada(tmp_path_factory, shared_dir):
+def llada(tmp_path_factory):
     out = {}
     for n_layers in (1, 2, 4):
         path = write_tiny_llada(tmp_path_factory.mktemp("el") / f"llada{n_layers}", seed=0, n_layers=n_layers)
@@ -41,7 +41,7 @@ def llada(tmp_path_factory, shared_dir):
 
 
 @pytest.fixture(scope="module")
-def dream(tmp_path_factory, shared_dir):
+def dream(tmp_path_factory):
     out = {}
     for n_layers in (1, 2):
         path = write_tiny_dream(tmp_path_factory.mktemp("el") / f"dream{n_layers}", seed=0,

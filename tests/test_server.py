@@ -82,7 +82,7 @@ class ServerProcess:
 @pytest.fixture(scope="module")
 def server(tiny_llada, tmp_path_factory):
     srv = ServerProcess(tiny_llada, tmp_path_factory.mktemp("server") / "serve.log", "--api-key", API_KEY,
-                        "--max-batch-size", "16", "--max-wait-ms", "20")
+                        "--max-batch-size", "16", "--max-wait-ms", "20", "--cache", "none", "--strategy", "reference")
     yield srv
     srv.stop()
 
@@ -94,7 +94,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def offline(llm_factory):
-    return llm_factory()  # the server's defaults: cache none, strategy reference
+    return llm_factory()  # the server's setting: cache none, strategy reference
 
 
 def _stream_texts(stream) -> tuple[dict[int, list[str]], dict[int, str], object]:

@@ -64,7 +64,7 @@ def test_zoo_layouts_and_sizes():
 
 
 def test_default_model_answers_offline():
-    llm = LLM()
+    llm = LLM(strategy="reference")
     assert llm.loaded.path == MODELS_DIR / "tiny-llada"
     out = llm.chat([{"role": "user", "content": "What is 17 + 25?"}], SamplingParams(max_tokens=64))[0]
     assert out.text.strip().endswith("#### 42")

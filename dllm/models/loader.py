@@ -27,7 +27,6 @@ _DTYPES = {
     "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
     "fp64": torch.float64, "float64": torch.float64,
 }
-_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
 
 
 @dataclass
@@ -46,6 +45,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise InvalidParameterError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cpu":
+        return _cpu_device(dev)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidParameterError("CUDA was requested but no GPU is available here; pass device='cpu' (CLI: --device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -55,13 +56,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _cpu_device(dev: torch.device) -> torch.device:
+    """`cpu` and `cpu:0` are the one CPU device (safetensors and some kernels reject an index); `cpu:N` for N > 0
+    names nothing, and is not a way to pick cores."""
+    if dev.index not in (None, 0):
+        raise InvalidParameterError(f"device {str(dev)!r} does not exist: PyTorch has one CPU device ('cpu'); to limit "
+                                    "the cores it uses, set OMP_NUM_THREADS")
+    return torch.device("cpu")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if str(dtype).lower() not in _DTYPES:
-        raise InvalidParameterError(f"unknown dtype {dtype!r}; use one of auto, bfloat16, float16, float32")
+        names = ", ".join(dict.fromkeys(str(t).removeprefix("torch.") for t in _DTYPES.values()))
+        raise InvalidParameterError(f"unknown dtype {dtype!r}; use one of auto, {names}")
     return _DTYPES[str(dtype).lower()]
 
 
@@ -71,20 +82,18 @@ def resolve_path(model: str | Path, revision: str | None = None) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        hint = f" (here: {str(path.parent)!r})" if (path.parent / "config.json").is_file() else ""
+        raise ModelNotFoundError(f"model {str(model)!r} is a file; pass the checkpoint directory that holds "
+                                 f"config.json{hint}")
     if bundled_path(str(model)) is not None:
         return bundled_path(str(model))
     text = str(model)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
     if not looks_like_hub_id:
         raise ModelNotFoundError(f"model directory {text!r} does not exist; pass a checkpoint directory or a hub id like GSAI-ML/LLaDA-8B-Instruct")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_FILES))
-    except Exception as exc:  # any hub failure (offline, 404, auth) becomes one actionable line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelNotFoundError(
-            f"{text!r} is not a local directory and could not be downloaded from the Hugging Face hub "
-            f"({type(exc).__name__}: {reason[:200]}); check the name or pass a local checkpoint directory") from None
+    from dllm.models.hub import download
+    return download(text, revision)
 
 
 def read_json(path: Path) -> dict:

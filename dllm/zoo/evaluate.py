@@ -55,11 +55,13 @@ def evaluate(path: str, tasks=("arith", "gsm-lite", "code-lite"), settings=SETTI
         task = get_task(task_name)
         problems = task.generate("test", num_problems)
         for name in settings:
-            probe = llms.get("reference") or LLM(path, device=device, max_batch_size=batch_size)
+            probe = llms.get("reference") or LLM(path, strategy="reference", cache="none", device=device,
+                                                 max_batch_size=batch_size)
             llms.setdefault("reference", probe)
             strategy, params = setting(probe, name, task_name)
             if strategy not in llms:
-                llms[strategy] = LLM(path, strategy=strategy, device=device, max_batch_size=batch_size)
+                # no cache: the cards' settings are the strategies alone (not the defaults of dllm/defaults.py)
+                llms[strategy] = LLM(path, strategy=strategy, cache="none", device=device, max_batch_size=batch_size)
             start = time.perf_counter()
             outs = llms[strategy].chat([to_messages(p) for p in problems], params)
             seconds = time.perf_counter() - start
