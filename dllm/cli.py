@@ -61,6 +61,12 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when MODEL is a hub id")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own tokenizer code to run")
     g.add_argument(*batch_flags, dest="max_batch_size", type=int, default=32, metavar="N", help="most prompts decoded together in one batch")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="launch every kernel from Python instead of replaying CUDA graphs (same kernels, slower; "
+                        "the CPU always runs eagerly)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="shard the model over N processes (GPUs with NCCL, CPU processes with gloo); N must divide "
+                        "the heads and the vocabulary. Default: 1")
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -151,6 +157,9 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                    help="prompt as chat messages through the checkpoint's chat template (default: the task's choice)")
     g.add_argument("--num-samples", type=int, default=1,
                    help="samples per doc, for pass@k (needs --temperature > 0); sample j of a doc has a fixed seed from --seed")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+                   help="decode on N engine processes (one per GPU, or CPU processes sharing the cores), records "
+                        "merged into one resumable run directory. Default: 1")
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", default=None,
                    help="run directory (default runs/eval/ or runs/bench/ + model, task and a hash of the setting); "
@@ -191,7 +200,8 @@ def build_llm(args: argparse.Namespace):
     return LLM(args.model, cache=args.cache, strategy=args.strategy, dtype=args.dtype, device=args.device,
                revision=args.revision, trust_remote_code=args.trust_remote_code, max_batch_size=args.max_batch_size,
                cache_options=key_values(args.cache_option, "--cache-option"),
-               strategy_options=key_values(args.strategy_option, "--strategy-option"))
+               strategy_options=key_values(args.strategy_option, "--strategy-option"),
+               enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -257,7 +267,8 @@ def eval_config(args: argparse.Namespace):
                       num_samples=args.num_samples, batch_size=args.max_batch_size, cache=args.cache,
                       strategy=args.strategy, sampling=sampling_dict(sampling_params(args)), seed=args.seed or 0,
                       device=args.device, dtype=args.dtype, revision=args.revision,
-                      trust_remote_code=args.trust_remote_code,
+                      trust_remote_code=args.trust_remote_code, enforce_eager=args.enforce_eager,
+                      tensor_parallel_size=args.tensor_parallel_size,
                       cache_options=key_values(args.cache_option, "--cache-option"),
                       strategy_options=key_values(args.strategy_option, "--strategy-option"))
 
@@ -266,7 +277,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dllm.eval import report, runner
     config = eval_config(args)
     summary = runner.run(config, args.output or runner.default_output_dir(config), limit=args.limit,
-                         overwrite=args.overwrite, progress=not args.no_progress, warmup=not args.no_warmup)
+                         overwrite=args.overwrite, progress=not args.no_progress, warmup=not args.no_warmup,
+                         data_parallel_size=args.data_parallel_size)
     print(report.metrics_table(summary))
     print(json.dumps({"output_dir": summary.output_dir, "primary_metric": summary.primary_metric,
                       "metrics": summary.metrics}))
@@ -277,7 +289,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     config = eval_config(args)
     axes = bench.parse_grid(args.grid)
     result = bench.bench(config, axes, args.output, limit=args.limit, overwrite=args.overwrite,
-                         progress=not args.no_progress, warmup=not args.no_warmup)
+                         progress=not args.no_progress, warmup=not args.no_warmup,
+                         data_parallel_size=args.data_parallel_size)
     print(report.bench_markdown(result.rows, result.refused, result.primary_metric), end="")
     print(json.dumps({"output_dir": result.output_dir, "primary_metric": result.primary_metric,
                       "rows": [{"setting": r["setting"], result.primary_metric: r["metrics"].get(result.primary_metric),

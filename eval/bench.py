@@ -167,7 +167,8 @@ def default_output_dir(base: EvalConfig, axes: dict) -> Path:
 
 
 def bench(base: EvalConfig, axes: dict, output_dir: str | Path | None = None, *, limit: int | None = None,
-          overwrite: bool = False, progress: bool = True, warmup: bool = True) -> BenchResult:
+          overwrite: bool = False, progress: bool = True, warmup: bool = True,
+          data_parallel_size: int = 1) -> BenchResult:
     """Run every setting of `axes` over `base` (see the module docstring) and write the bench files."""
     out = Path(output_dir or default_output_dir(base, axes))
     plan = expand(base, axes, model_family(base))
@@ -177,7 +178,8 @@ def bench(base: EvalConfig, axes: dict, output_dir: str | Path | None = None, *,
         sub = out / _slug(name)
         try:
             summaries[name] = runner.run(config, sub, limit=limit, overwrite=overwrite, progress=progress,
-                                         warmup=warmup, label=name, llm_factory=slot.get)
+                                         warmup=warmup, label=name, llm_factory=slot.get,
+                                         data_parallel_size=data_parallel_size)
         except InvalidParameterError as exc:
             refused.append({"setting": name, "reason": str(exc)})
             if sub.is_dir() and [p.name for p in sub.iterdir()] == ["config.json"]:

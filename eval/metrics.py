@@ -11,7 +11,8 @@ The definitions (also in `DEFINITIONS`, copied into every summary and report):
 - tokens/s (per request) = tokens / latency of that request; reported as the mean over requests.
 - throughput = total tokens / generation seconds, where generation seconds is the sum over batches of the
   wall time of the batch's engine call (tokenization and detokenization included; model loading, warm-up,
-  scoring and file writes excluded).
+  scoring and file writes excluded); with `--data-parallel-size N` the N engines run side by side, so a run's
+  generation seconds are the slowest engine's sum.
 - NFE: model forwards while the request was in its batch (the engine's count); reported as the mean.
 - tokens per forward (TPF) = total tokens / total NFE.
 - latency: the engine's per-request latency, from the start of its batch's decoding to the moment the
@@ -60,8 +61,17 @@ def _mean(values: list[float]) -> float | None:
 
 
 def generation_seconds(records: list[dict]) -> float:
-    """Sum of the batch wall times, each batch counted once."""
-    return sum({r["batch"]: r["batch_seconds"] for r in records}.values())
+    """Sum of the batch wall times, each batch counted once; batches that data-parallel engines ran side by side
+    (records with `dp_rank` within one session) count as the slowest engine's total, not their sum."""
+    per_rank: dict[tuple, float] = {}
+    for batch, (session, rank, seconds) in {r["batch"]: (r["session"], r.get("dp_rank"), r["batch_seconds"])
+                                            for r in records}.items():
+        per_rank[session, rank] = per_rank.get((session, rank), 0.0) + seconds
+    sessions: dict[str, float] = {}
+    for (session, rank), seconds in per_rank.items():
+        sessions[session] = max(sessions.get(session, 0.0), seconds) if rank is not None else \
+            sessions.get(session, 0.0) + seconds
+    return sum(sessions.values())
 
 
 def wall_seconds(records: list[dict]) -> float:

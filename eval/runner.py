@@ -62,6 +62,8 @@ class EvalConfig:
     dtype: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
+    tensor_parallel_size: int = 1                      # engine settings: they change the speed, not the tokens
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, SamplingParams):
@@ -82,8 +84,16 @@ class EvalConfig:
         return SamplingParams(**self.sampling)
 
     def setting(self) -> dict:
-        """JSON-normal form (what `config.json` holds and what resuming compares)."""
-        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
+        """JSON-normal form (what `config.json` holds and what resuming compares); engine settings at their
+        defaults are left out, so runs recorded before they existed still resume."""
+        fields = dataclasses.asdict(self)
+        for name in _ENGINE_DEFAULTS:
+            if fields[name] == _ENGINE_DEFAULTS[name]:
+                del fields[name]
+        return json.loads(json.dumps(fields, sort_keys=True))
+
+
+_ENGINE_DEFAULTS = {"tensor_parallel_size": 1, "enforce_eager": False}
 
 
 @dataclass
@@ -154,7 +164,8 @@ def llm_options(config: EvalConfig) -> dict:
     return {"model": config.model, "cache": config.cache, "strategy": config.strategy, "dtype": config.dtype,
             "device": config.device, "revision": config.revision, "trust_remote_code": config.trust_remote_code,
             "max_batch_size": config.batch_size, "cache_options": config.cache_options,
-            "strategy_options": config.strategy_options}
+            "strategy_options": config.strategy_options, "tensor_parallel_size": config.tensor_parallel_size,
+            "enforce_eager": config.enforce_eager}
 
 
 def build_llm(config: EvalConfig):
@@ -173,11 +184,14 @@ def evaluate(task: str, model: str = DEFAULT_MODEL, *, output_dir: str | Path | 
 
 def run(config: EvalConfig, output_dir: str | Path, *, limit: int | None = None, overwrite: bool = False,
         progress: bool = True, warmup: bool = True, label: str = "eval",
-        llm_factory: Callable[[EvalConfig], object] = build_llm) -> Summary:
+        llm_factory: Callable[[EvalConfig], object] = build_llm, data_parallel_size: int = 1) -> Summary:
     """Run (or resume) `config` into `output_dir`; see the module docstring. `label` names the progress bar;
-    `llm_factory` builds the LLM (only when something is left to decode)."""
+    `llm_factory` builds the LLM (only when something is left to decode); `data_parallel_size` > 1 decodes on
+    that many engine processes (`data_parallel.py`) into the same records."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise EvalError(f"limit must be a positive integer, got {limit!r}")
+    if isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int) or data_parallel_size < 1:
+        raise EvalError(f"data_parallel_size must be a positive integer, got {data_parallel_size!r}")
     start = time.perf_counter()
     task = load_task(config)
     config = resolved(config, task)
@@ -190,7 +204,8 @@ def run(config: EvalConfig, output_dir: str | Path, *, limit: int | None = None,
         report.notice(f"resuming {path}: {len(units) - len(pending)} of {len(units)} samples already recorded, "
                       f"{len(pending)} to decode")
     try:
-        environment = _decode(config, task, store, pending, len(units), start, llm_factory, progress, warmup, label)
+        environment = _decode(config, task, store, pending, len(units), start, llm_factory, progress, warmup, label,
+                              data_parallel_size)
     except DllmError:
         if not existed:
             store.discard()   # a refused setting leaves nothing behind
@@ -200,9 +215,13 @@ def run(config: EvalConfig, output_dir: str | Path, *, limit: int | None = None,
     return summary
 
 
-def _decode(config, task, store, pending, total, start, llm_factory, progress, warmup, label) -> dict:
+def _decode(config, task, store, pending, total, start, llm_factory, progress, warmup, label,
+            data_parallel_size=1) -> dict:
     if not pending:
         return store.previous_environment()
+    if data_parallel_size > 1:
+        from dllm.eval import data_parallel
+        return data_parallel.decode(config, task, store, pending, total, data_parallel_size, progress, warmup, label)
     session = _Session(config, task, store, llm_factory(config), start)
     return session.run(pending, total=total, progress=progress, warmup=warmup, label=label)
 
