@@ -7,6 +7,7 @@ A turn the model refuses (the conversation no longer fits its context) prints th
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 from dllm.errors import DllmError
@@ -57,6 +58,9 @@ def stats(reply) -> str:
 def run(llm, params, system: str | None = None) -> None:
     """The read-reply loop on stdin/stdout (status lines on stderr)."""
     chat = Chat(llm, params, system)
+    # Ctrl-C is one of chat's keys, so it must raise KeyboardInterrupt even when this process was started with SIGINT
+    # ignored (a non-interactive shell's background job inherits SIG_IGN, and Python then leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(HELP, file=sys.stderr)
     while True:
         try:
