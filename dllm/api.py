@@ -120,7 +120,10 @@ class LLM:
                     request_id: str | None = None) -> str:
         """Queue one prompt on the step scheduler and return its request id; `step()` decodes. Requests added
         while others decode start at the next step (in free slots, `max_batch_size` rows at once), each with its
-        own settings; see dllm/scheduler.py."""
+        own settings; see dllm/scheduler.py. `prompt` may also be a conversation (a list of messages), formatted
+        by the chat template."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            prompt = self._chat_prompts(prompt)[0]
         request = self._request(prompt, sampling_params or SamplingParams())
         if request_id is not None:
             request_id = str(request_id)
