@@ -103,6 +103,7 @@ def time_forward(engine: Engine, prompt_len: int, batch: int, gen: int, block: i
         sync()
         if i >= 2:   # the first two calls run eagerly / capture
             times.append(time.perf_counter() - t)
+    runner.release(policy.buffers)
     return sorted(times)[len(times) // 2] * 1e3
 
 

@@ -24,6 +24,7 @@ from dllm.errors import InvalidParameterError
 from dllm.models.loader import load_model
 from dllm.parallel import start_tensor_parallel
 from dllm.runner import ModelRunner
+from dllm.scheduler import Scheduler
 from dllm.outputs import RequestOutput, StreamEvent
 from dllm.sampling_params import SamplingParams
 from dllm.threads import configure_cpu_threads
@@ -67,6 +68,7 @@ class LLM:
                              strategy_options=strategy_options, enforce_eager=enforce_eager, runner=runner)
         self.max_batch_size = max_batch_size
         self._ids = itertools.count()
+        self.scheduler = Scheduler(max_num_seqs=max_batch_size)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker ranks (if any); the LLM cannot decode afterwards. Also run at exit."""
@@ -111,6 +113,39 @@ class LLM:
     def stream_chat(self, messages: list[dict] | list[list[dict]],
                     sampling_params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         yield from self.stream(self._chat_prompts(messages), sampling_params)
+
+    # ------------------------------------------------------------------ step by step (vLLM's LLMEngine)
+
+    def add_request(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue one prompt on the step scheduler and return its request id; `step()` decodes. Requests added
+        while others decode start at the next step (in free slots, `max_batch_size` rows at once), each with its
+        own settings; see dllm/scheduler.py. `prompt` may also be a conversation (a list of messages), formatted
+        by the chat template."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            prompt = self._chat_prompts(prompt)[0]
+        request = self._request(prompt, sampling_params or SamplingParams())
+        if request_id is not None:
+            request_id = str(request_id)
+            busy = {r.request_id for _, r in self.scheduler.waiting} | {
+                rid for c in self.scheduler.cohorts for rid in c.open}
+            if request_id in busy:
+                raise InvalidParameterError(f"request id {request_id!r} is already queued or decoding; use a new id")
+            request.request_id = request_id
+        self.scheduler.add(self.engine, request)
+        return request.request_id
+
+    def step(self) -> list[StreamEvent]:
+        """One scheduler step: admit waiting requests, one forward per running cohort; the text that became
+        final in it (`StreamEvent`s; a request's last event carries its `RequestOutput`)."""
+        return self.scheduler.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a queued or decoding request (its slot is free at the next step); False if it was not there."""
+        return self.scheduler.abort(str(request_id))
 
     def check_prompt(self, prompt: PromptType | list[dict], sampling_params: SamplingParams | None = None) -> None:
         """Raise the error `generate` (or `chat`, for a list of messages) would raise for this prompt and these

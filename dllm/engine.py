@@ -41,6 +41,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams  # resolved (every field set)
     prompt: str | None = None
+    arrival: float | None = None  # perf_counter() when it was queued (a scheduler's); latency counts from there
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Engine:
 class _Run:
     """One decoding run over a batch; owns the canvas, the cache policy and the strategy state."""
 
-    def __init__(self, engine: Engine, requests: list[Request], stream: bool = True):
+    def __init__(self, engine: Engine, requests: list[Request], stream: bool = True, pool_rows: int = 0):
         self.engine, self.spec, self.stream = engine, engine.spec, stream
         self.params = p = requests[0].params
         self.canvas = Canvas([r.prompt_token_ids for r in requests], p.max_tokens, p.block_length, self.spec,
@@ -125,7 +126,8 @@ class _Run:
         batch = len(requests) * (2 if self.cfg else 1)
         self.cache.extra_columns = self.strategy.scratch_width(p.block_length)
         # + 1: the scratch column of gathered plans
-        engine.runner.prepare(batch, self.canvas.length + self.cache.extra_columns + 1)
+        # (pool_rows: the step scheduler sizes the pool for all its slots when the first cohort starts)
+        engine.runner.prepare(max(batch, pool_rows), self.canvas.length + self.cache.extra_columns + 1)
         self.cache.kv_source = engine.runner.kv_buffers
         self._logit_slots: dict[tuple, torch.Tensor] = {}
         self.cache.allocate(batch, self.canvas.length, engine.loaded.arch, self.spec, engine.dtype, engine.device)
@@ -137,7 +139,27 @@ class _Run:
         self.cache.attach(self.canvas, self.stop_ids, p)
         self.start_time = time.perf_counter()
 
-    def events(self) -> Iterator[StreamEvent]:
+    def events(self, marks: bool = False) -> Iterator[StreamEvent | None]:
+        """The run's StreamEvents, step by step; with `marks`, a None after every step (the step scheduler runs
+        one step of each cohort at a time). The run's K/V slots are given back when it ends or is closed."""
+        try:
+            yield from self._events(marks)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Give the run's K/V slots back to the runner (once)."""
+        if not getattr(self, "closed", False):
+            self.closed = True
+            self.engine.runner.release(getattr(self.cache, "buffers", None))
+
+    def drop(self, request_ids: set[str]) -> None:
+        """Rows of these requests leave the run now (cancelled); the rest decode on unchanged."""
+        keep = [i for i, row in enumerate(self.rows) if row.request.request_id not in request_ids]
+        if len(keep) < len(self.rows):
+            self._select_rows(keep)
+
+    def _events(self, marks: bool) -> Iterator[StreamEvent | None]:
         canvas = self.canvas
         for b in range(canvas.num_blocks):
             start, end = canvas.block(b)
@@ -153,6 +175,8 @@ class _Run:
                 yield from self._emit(b, first_mask, first_stop)
                 if not self.rows:
                     return
+                if marks:
+                    yield None
                 if block_done:
                     break
         yield from self._emit(canvas.num_blocks - 1, *canvas.status(self.stop_ids), final=True)
@@ -269,7 +293,7 @@ class _Run:
         return StreamEvent(row.request.request_id, delta_text, delta_ids, block, self.canvas.num_blocks, output)
 
     def _output(self, row: _Row, text: str, reason: str) -> RequestOutput:
-        latency = time.perf_counter() - self.start_time
+        latency = time.perf_counter() - (row.request.arrival or self.start_time)
         index = self.rows.index(row)
         per_step = torch.cat(self.kv_steps)[:, index].tolist()
         kv, full = sum(per_step), row.nfe * self.canvas.length * self.num_layers

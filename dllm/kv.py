@@ -2,7 +2,8 @@
 
 Keys are stored after RoPE. `KVBuffers` holds one [B, Hkv, T, D] tensor per layer for keys and one for values;
 `KVPool` is the runner's storage for up to `slots` rows of up to `length` columns, from which each run takes a
-view, so the storage (and the CUDA graphs that captured its addresses) outlives the run.
+view of a contiguous range of rows (its slots, from `offset`), so the storage (and the CUDA graphs that captured
+its addresses) outlives the run, and runs decoding side by side (the step scheduler's cohorts) hold disjoint slots.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from dllm.models.spec import ArchConfig
 class KVBuffers:
     """Post-RoPE keys and values of every layer for a batch: k[l], v[l] of shape [B, Hkv, T, D] (views)."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], on_select=None):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], on_select=None, offset: int | None = None):
         self.k, self.v = k, v
         self.on_select = on_select   # called with (rows before, columns, keep) before compacting (other ranks)
+        self.offset = offset         # the first pool slot of a pool view (None: storage of its own)
 
     @classmethod
     def allocate(cls, arch: ArchConfig, batch: int, length: int, dtype: torch.dtype, device: torch.device):
@@ -42,11 +44,14 @@ class KVPool:
         self.slots, self.length = slots, length
         self.buffers = KVBuffers.allocate(arch, slots, length, dtype, device)
 
-    def view(self, batch: int, length: int) -> KVBuffers:
-        return KVBuffers([k[:batch, :, :length] for k in self.buffers.k], [v[:batch, :, :length] for v in self.buffers.v])
+    def view(self, batch: int, length: int, offset: int = 0) -> KVBuffers:
+        rows = slice(offset, offset + batch)
+        return KVBuffers([k[rows, :, :length] for k in self.buffers.k], [v[rows, :, :length] for v in self.buffers.v],
+                         offset=offset)
 
     def owns(self, buffers: KVBuffers) -> bool:
-        return buffers.k[0].data_ptr() == self.buffers.k[0].data_ptr()
+        return (buffers.offset is not None and
+                buffers.k[0].untyped_storage().data_ptr() == self.buffers.k[0].untyped_storage().data_ptr())
 
     @property
     def nbytes(self) -> int:

@@ -18,8 +18,10 @@ so the eager path (`enforce_eager=True`) runs exactly the kernels a graph replay
 unpadded.
 
 K/V storage is one pool per runner: per layer [slots, Hkv, max_len, D], allocated on the first run and grown (by
-reallocation, which drops the graphs) when a run needs more rows or columns; runs take views of it, so the
-graphs' addresses stay valid from run to run. Logits returned by a graph live in its static output: they are
+reallocation, which drops the graphs) when a run needs more rows or columns while no other run holds slots; runs
+take views of a contiguous range of its slots (from an offset, part of a graph's key), so the graphs' addresses
+stay valid from run to run and runs decoding side by side (the step scheduler's cohorts) never share rows. A run
+that finds no free range big enough gets storage of its own and runs eagerly; `release` gives its slots back. Logits returned by a graph live in its static output: they are
 valid until the next forward.
 """
 from __future__ import annotations
@@ -81,7 +83,7 @@ class _Inputs:
     def key(self) -> tuple:
         return (tuple(self.ids.shape), self.logits_index.shape[1], self.write is not None,
                 None if self.mask is None else tuple(self.mask.shape),
-                None if self.buffers is None else tuple(self.buffers.k[0].shape))
+                None if self.buffers is None else (tuple(self.buffers.k[0].shape), self.buffers.offset))
 
 
 class _Graph:
@@ -121,6 +123,7 @@ class ModelRunner:
         self.on_cuda = self.device.type == "cuda"
         self.use_graphs = self.on_cuda and not enforce_eager
         self.pool: KVPool | None = None
+        self.taken: dict[int, int] = {}   # pool slots held by unfinished runs: offset -> slots
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.seen: dict[tuple, int] = {}
@@ -145,7 +148,9 @@ class ModelRunner:
         if self.group is not None:
             self.group.post(PREPARE, rows, length)
         slots = batch_bucket(rows) if self.on_cuda else rows
-        if self.pool is None or self.pool.slots < slots or self.pool.length < length:
+        if self.taken:   # other runs hold views of the pool: it cannot move; kv_buffers finds room or allocates
+            pass
+        elif self.pool is None or self.pool.slots < slots or self.pool.length < length:
             old = self.pool
             slots = max(slots, old.slots if old else 0)
             cols = max(-(-length // _LENGTH_GRAIN) * _LENGTH_GRAIN, old.length if old else 0)
@@ -156,12 +161,37 @@ class ModelRunner:
             self.rope = self.model.rotary.table(self.pool.length, self.device)
 
     def kv_buffers(self, rows: int, length: int) -> KVBuffers:
-        """Views of the pool for a run (after `prepare`); under tensor parallelism every rank compacts its own
-        shard when rows leave."""
-        view = self.pool.view(rows, length)
+        """K/V storage for a run of `rows` rows over `length` columns (after `prepare`): a view of free pool slots
+        (a batch bucket of them on CUDA, so padding rows stay inside), held until `release`; storage of its own
+        when the pool has no free range that big. Under tensor parallelism every rank compacts its own shard when
+        rows leave."""
+        slots = batch_bucket(rows) if self.on_cuda else rows
+        offset = self._free_range(slots) if self.pool is not None and self.pool.length >= length else None
+        if offset is None:
+            if self.group is not None:
+                raise DistributedError("the K/V pool is held by another run; under tensor parallelism runs decode "
+                                       "one at a time")
+            logger.debug("no %d free K/V slots of %d columns in the pool: the run gets its own storage", slots, length)
+            return KVBuffers.allocate(self.arch, rows, length, self.dtype, self.device)
+        self.taken[offset] = slots
+        view = self.pool.view(rows, length, offset)
         if self.group is not None:
             view.on_select = self._select_everywhere
         return view
+
+    def release(self, buffers: KVBuffers | None) -> None:
+        """A run is over: its pool slots are free for the next one."""
+        if buffers is not None and self.pool is not None and self.pool.owns(buffers):
+            self.taken.pop(buffers.offset, None)
+
+    def _free_range(self, slots: int) -> int | None:
+        """The lowest offset of `slots` consecutive pool slots no run holds (None: none)."""
+        start = 0
+        for offset, held in sorted(self.taken.items()):
+            if offset - start >= slots:
+                return start
+            start = max(start, offset + held)
+        return start if self.pool.slots - start >= slots else None
 
     def _select_everywhere(self, rows: int, length: int, keep: torch.Tensor) -> None:
         self.group.post(SELECT, rows, length, keep.numel())
@@ -265,7 +295,7 @@ class ModelRunner:
             ids, positions, logits_index, write, mask = (_pad_rows(t, padded) for t in
                                                          (ids, positions, logits_index, write, mask))
             if buffers is not None:
-                buffers = self.pool.view(padded, length)
+                buffers = self.pool.view(padded, length, buffers.offset)
         return _Inputs(ids, positions, logits_index, write, mask, buffers)
 
 

@@ -33,3 +33,16 @@ def test_python_api_example_runs_as_printed():
         exec(compile(code, "README.md", "exec"), {})
     lines = printed.getvalue()
     assert "#### 84 stop" in lines and lines.rstrip().endswith("#### 42")
+
+
+def test_step_by_step_example_runs_as_printed():
+    section = README.split("### Step by step", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    printed = io.StringIO()
+    scope = {}
+    with contextlib.redirect_stdout(printed):
+        exec(compile("from dllm import LLM, SamplingParams\n" + code, "README.md", "exec"), scope)
+    finished = [e.request_id for e in scope["events"] if e.output is not None]
+    assert sorted(finished) == sorted([scope["first"], scope["second"]])
+    assert "#### 84" in printed.getvalue() and "#### 42" in printed.getvalue()
+    assert not scope["llm"].has_unfinished_requests()

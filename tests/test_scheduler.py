@@ -1,0 +1,116 @@
+"""The step scheduler (dllm/scheduler.py) through `LLM.add_request` / `step`: requests that arrive while others
+decode start at the next step, finish on their own schedule, reuse freed slots, and get exactly the tokens they
+get decoding alone (float32, temperature 0), for every family and cache."""
+from __future__ import annotations
+
+import pytest
+
+from dllm import LLM, SamplingParams
+from dllm.errors import InvalidParameterError
+
+LONG = dict(max_tokens=32, block_length=8, ignore_eos=True, seed=1)   # seeded: Dream's default rule draws
+SHORT = dict(max_tokens=8, block_length=8, ignore_eos=True, seed=2)
+
+CASES = [("tiny_llada", c) for c in ("none", "prefix", "dual", "dkv", "freecache", "elastic")] + \
+        [("tiny_dream", c) for c in ("none", "dual")] + [("tiny_sdar", c) for c in ("none", "block")]
+
+
+def _drain(llm, log=None) -> dict:
+    outputs = {}
+    while llm.has_unfinished_requests():
+        for event in llm.step():
+            if event.output is not None:
+                outputs[event.request_id] = event.output
+                if log is not None:
+                    log.append((event.request_id, llm.scheduler.num_steps))
+    return outputs
+
+
+@pytest.mark.parametrize("fixture,cache", CASES)
+def test_late_request_starts_at_the_next_step_and_equals_decoding_alone(request, fixture, cache):
+    llm = LLM(str(request.getfixturevalue(fixture)), cache=cache, strategy="reference", device="cpu",
+              dtype="float32", max_batch_size=4)
+    one_a_step = dict(steps=8, remasking="low_confidence_static") if fixture == "tiny_sdar" else {}  # per block
+    long_params = SamplingParams(**LONG, **(one_a_step or {"steps": 32}))
+    short_params = SamplingParams(**SHORT, **(one_a_step or {"steps": 8}))
+    early = llm.add_request([5, 6, 7, 8, 9], long_params)
+    llm.step()
+    llm.step()
+    late = llm.add_request([11, 12, 13], short_params)
+    events = llm.step()
+    assert llm.scheduler.num_running == 2 and len(llm.scheduler.cohorts) == 2    # joined at this step
+    assert not llm.scheduler.waiting and {e.request_id for e in events} <= {early, late}
+    log = []
+    outputs = _drain(llm, log)
+    assert [rid for rid, _ in log] == [late, early]       # the late, short request does not wait for the long one
+    alone_long = llm.generate([[5, 6, 7, 8, 9]], long_params)[0]
+    alone_short = llm.generate([[11, 12, 13]], short_params)[0]
+    assert outputs[early].outputs[0].token_ids == alone_long.outputs[0].token_ids
+    assert outputs[late].outputs[0].token_ids == alone_short.outputs[0].token_ids
+    assert outputs[early].metrics.nfe == alone_long.metrics.nfe
+    assert llm.engine.runner.taken == {}                   # every cohort gave its slots back
+
+
+def test_slots_are_reused_and_more_prompts_than_slots_finish_in_order(tiny_llada):
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=2)
+    params = SamplingParams(**SHORT)
+    prompts = [[5 + i, 6, 7] for i in range(7)]
+    ids = [llm.add_request(p, params) for p in prompts]
+    in_use, log, outputs = [], [], {}
+    while llm.has_unfinished_requests():
+        for event in llm.step():
+            if event.output is not None:
+                log.append(event.request_id)
+                outputs[event.request_id] = event.output
+        in_use.append(llm.scheduler.slots_in_use)
+        assert len(llm.engine.runner.taken) <= 2
+    assert log == ids                                    # first come, first served
+    assert max(in_use) <= 2 and llm.engine.runner.pool.slots == 2   # the pool never grew past the slots
+    alone = [llm.generate([p], params)[0] for p in prompts]
+    assert [outputs[i].outputs[0].token_ids for i in ids] == [o.outputs[0].token_ids for o in alone]
+
+
+def test_cohorts_hold_disjoint_pool_slots(tiny_llada):
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=4)
+    llm.add_request([5, 6, 7], SamplingParams(**LONG))
+    llm.step()
+    llm.add_request([8, 9], SamplingParams(**LONG))     # arrive together: one cohort, after the first
+    llm.add_request([10, 11], SamplingParams(**LONG))
+    llm.step()
+    runner = llm.engine.runner
+    assert [len(c.open) for c in llm.scheduler.cohorts] == [1, 2]
+    assert all(runner.pool.owns(c.run.cache.buffers) for c in llm.scheduler.cohorts)
+    assert sorted(runner.taken.items()) == [(0, 1), (1, 2)]
+    _drain(llm)
+    assert runner.taken == {}
+
+
+def test_abort_frees_the_slot_and_the_others_decode_on(tiny_llada):
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=2)
+    params = SamplingParams(**LONG)
+    a = llm.add_request([5, 6, 7], params)
+    b = llm.add_request([8, 9, 10], params)
+    c = llm.add_request([11, 12], params)             # waits: both slots are taken
+    llm.step()
+    assert llm.scheduler.num_waiting == 1
+    assert llm.abort_request(a)
+    assert not llm.abort_request("no-such-request")
+    events = llm.step()                                # a's slot goes to c at this step
+    assert a not in {e.request_id for e in events} and llm.scheduler.num_waiting == 0
+    outputs = _drain(llm)
+    assert set(outputs) == {b, c}
+    assert outputs[b].outputs[0].token_ids == llm.generate([[8, 9, 10]], params)[0].outputs[0].token_ids
+    assert outputs[c].outputs[0].token_ids == llm.generate([[11, 12]], params)[0].outputs[0].token_ids
+    assert llm.engine.runner.taken == {}
+
+
+def test_bad_requests_are_refused_when_added(tiny_llada):
+    llm = LLM(str(tiny_llada), strategy="reference", device="cpu", max_batch_size=1)
+    with pytest.raises(InvalidParameterError, match="exceeds the model's context"):
+        llm.add_request([5] * 10, SamplingParams(max_tokens=4096))
+    with pytest.raises(InvalidParameterError, match="cfg_scale > 0 takes 2 slots"):
+        llm.add_request([5, 6], SamplingParams(max_tokens=8, block_length=8, cfg_scale=1.0))
+    rid = llm.add_request([5, 6], SamplingParams(**SHORT), request_id="mine")
+    with pytest.raises(InvalidParameterError, match="already queued"):
+        llm.add_request([5, 6], SamplingParams(**SHORT), request_id="mine")
+    assert set(_drain(llm)) == {rid}
