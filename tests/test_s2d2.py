@@ -55,7 +55,7 @@ def test_other_exact_caches_give_the_same_tokens(name, cache):
     assert [o.token_ids for o in outs] == case["tokens"]
 
 
-@pytest.mark.parametrize("name", ["default-greedy", "ucb-span", "config-b-T0.0", "fallback-sequential-quota2",
+@pytest.mark.parametrize("name", ["default-greedy", "ucb-span", "config-a-T0.0", "fallback-sequential-quota2",
                                   "span3-legacy"])
 def test_forwards_and_verifications_alone_match_the_authors_count(name):
     """The authors count prefill and one store forward per block beyond drafts and verifications; the block
@@ -164,11 +164,13 @@ def test_bad_options_are_one_line_errors(options, match):
     assert "\n" not in str(err.value)
 
 
-def test_refuses_approximate_caches_and_other_families():
-    with pytest.raises(InvalidParameterError, match="works with cache"):
-        LLM("tiny-sdar", strategy="s2d2", cache="elastic", device="cpu")
-    with pytest.raises(InvalidParameterError, match="no implementation|does not support"):
-        LLM("tiny-llada", strategy="s2d2", device="cpu")
+def test_refuses_caches_it_does_not_list_and_other_families(monkeypatch):
+    from dllm.decoding.s2d2 import S2D2Strategy
+    monkeypatch.setattr(S2D2Strategy, "caches", ("none",))
+    with pytest.raises(InvalidParameterError, match="works with cache none; cache 'block' is not one of them"):
+        LLM("tiny-sdar", strategy="s2d2", cache="block", device="cpu")
+    with pytest.raises(InvalidParameterError, match="strategy 's2d2' does not support llada models"):
+        LLM("tiny-llada", strategy="s2d2", device="cpu").generate(["hi"], SamplingParams(max_tokens=4))
 
 
 def test_cli_takes_the_strategy_and_its_preset():
