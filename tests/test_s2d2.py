@@ -189,3 +189,22 @@ def test_cli_takes_the_strategy_and_its_preset():
     bad = subprocess.run(cli + ["--strategy-option", "preset=nope", "-p", "hi"], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "preset" in bad.stderr
+
+
+def test_server_serves_the_preset_and_a_request_may_pick_s2d2():
+    from fastapi.testclient import TestClient
+    from dllm.server.app import build_app
+    from dllm.server.engine_client import EngineClient
+    prompt, sp = "What is 12 + 7?", SamplingParams(max_tokens=16, temperature=0)
+    body = {"model": "m", "prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": True}
+    want = s2d2({"preset": "config-a"}).generate([prompt], sp)[0]
+    with TestClient(build_app(EngineClient(s2d2({"preset": "config-a"})), ["m"])) as http:   # serve --strategy s2d2
+        got = http.post("/v1/completions", json=body)
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["token_ids"] == want.token_ids
+    want = s2d2({}).generate([prompt], sp)[0]
+    server = LLM("tiny-sdar", strategy="reference", device="cpu", dtype="float32")
+    with TestClient(build_app(EngineClient(server), ["m"])) as http:    # a request picks s2d2 (default options)
+        got = http.post("/v1/completions", json={**body, "strategy": "s2d2"})
+        assert got.status_code == 200, got.text
+        assert got.json()["choices"][0]["token_ids"] == want.token_ids
