@@ -208,3 +208,22 @@ def test_server_serves_the_preset_and_a_request_may_pick_s2d2():
         got = http.post("/v1/completions", json={**body, "strategy": "s2d2"})
         assert got.status_code == 200, got.text
         assert got.json()["choices"][0]["token_ids"] == want.token_ids
+
+
+def test_a_fallback_short_of_its_quota_still_finishes_the_block(monkeypatch):
+    """entropy_bounded may commit fewer tokens than the quota: with 2 steps for blocks of 4 the authors' code then
+    indexes its schedule past the end (IndexError) on this prompt; here the last quota is reused."""
+    from dllm.decoding.s2d2 import S2D2Strategy
+    steps_per_block, begin = [], S2D2Strategy.begin_block
+
+    def record(self, masked):
+        steps_per_block.append(self.step_index)
+        begin(self, masked)
+
+    monkeypatch.setattr(S2D2Strategy, "begin_block", record)
+    sp = SamplingParams(max_tokens=24, block_length=4, steps=2, remasking="entropy_bounded", entropy_bound=0.5,
+                        temperature=0, seed=72, ignore_eos=True)
+    llm = s2d2({"min_ssd_span_length": 4})
+    out = llm.generate([GOLDEN["prompts"][2]], sp)[0]
+    assert len(out.token_ids) == 24 and llm.spec.mask_id not in out.token_ids
+    assert max(steps_per_block) > 2
