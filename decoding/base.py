@@ -16,6 +16,11 @@ What a strategy declares (class attributes / methods with defaults):
   final_limit()       per row, the absolute column below which committed text can no longer change (None: all)
   scratch_width(Lb)   K/V columns after the canvas that the strategy's own forwards (`self.ctx.forward`, e.g. a
                       verification pass) write to, so that the cache stays untouched
+  attention(mask_fn)  the mask function every forward of the run is planned with (default: the canvas's own);
+                      a strategy may change which keys a query sees (S2D2's causally computed prefix)
+  caches              names of the cache policies the strategy works with (None: every one)
+  request_defaults(params, state)  fills request fields the user left unset (a preset's block size)
+  row_stats(row)      the strategy's own per-request counts (RequestMetrics.strategy_stats)
 The engine sets `self.ctx` (a `dllm.step_context.StepContext`) before the first step.
 
 A strategy = the model family's token proposal (`proposal.py`: x0 and the distribution confidences come from)
@@ -73,6 +78,7 @@ class Strategy:
     engine_options: dict = {}                   # engine-level settings (`LLM(..., strategy_options={...})`)
     logits_span: str = "block"                  # "block" | "generation" (see the module docstring)
     remasks: bool = False                       # may return StepEdits.remask
+    caches: tuple[str, ...] | None = None       # cache policies it works with (None: all)
 
     def __init__(self, params: SamplingParams, spec: ModelSpec):
         self.params, self.spec = params, spec
@@ -94,6 +100,11 @@ class Strategy:
     def prepare(cls, options: dict, loaded) -> dict:
         """Engine-level state shared by every run (e.g. a guide model), from `strategy_options`."""
         return cls.resolve_engine_options(options)
+
+    @classmethod
+    def request_defaults(cls, params: SamplingParams, state: dict) -> SamplingParams:
+        """`params` with strategy-specific defaults for the fields the request left unset."""
+        return params
 
     @classmethod
     def validate(cls, params: SamplingParams, spec: ModelSpec) -> None:
@@ -118,6 +129,14 @@ class Strategy:
     def scratch_width(self, block_length: int) -> int:
         """K/V columns after the canvas this strategy's own forwards need (0: it makes none)."""
         return 0
+
+    def attention(self, mask_fn):
+        """The mask function (q_start, q_end, k_end, k_start=0) -> bool mask that forwards are planned with."""
+        return mask_fn
+
+    def row_stats(self, row: int) -> dict:
+        """Strategy-specific counts for row `row` of the current batch."""
+        return {}
 
     def final_limit(self) -> list[int] | None:
         """Per row, the absolute column below which committed text is final (None: every committed prefix)."""

@@ -66,6 +66,13 @@ def sdar_proposal(logits, params, generators, ids, confidence_dtype=None, active
     """SDAR (`sample_with_temperature_topk_topp`): logits / T unless T is 1, then top-k, then top-p (removed
     entries -inf), softmax, one multinomial draw per block position. T = 0 (which the authors' code cannot run)
     is greedy: the argmax of the filtered logits, confidence from their softmax at T = 1."""
+    probs = sdar_distribution(logits, params)
+    return _draw(probs, params.temperature, generators, ids.mask, active), probs
+
+
+def sdar_distribution(logits: torch.Tensor, params) -> torch.Tensor:
+    """SDAR's sampling distribution: logits / T unless T is 0 or 1, then top-k, then top-p (removed entries
+    -inf), softmax over the last dimension."""
     t = params.temperature
     if t not in (0, 1):
         logits = logits / t
@@ -73,8 +80,7 @@ def sdar_proposal(logits, params, generators, ids, confidence_dtype=None, active
         logits = _top_k(logits, params.top_k, -torch.inf)
     if params.top_p is not None and params.top_p < 1:
         logits = _top_p(logits, params.top_p, -torch.inf)
-    probs = torch.softmax(logits, dim=-1)
-    return _draw(probs, t, generators, ids.mask, active), probs
+    return torch.softmax(logits, dim=-1)
 
 
 def _top_k(logits: torch.Tensor, k: int, fill: float) -> torch.Tensor:
@@ -92,4 +98,4 @@ def _top_p(logits: torch.Tensor, p: float, fill: float) -> torch.Tensor:
 
 
 PROPOSALS = {"llada": llada_proposal, "dream": dream_proposal, "sdar": sdar_proposal}
-__all__ = ["PROPOSALS", "multinomial_rows", "rand_like_rows"]
+__all__ = ["PROPOSALS", "multinomial_rows", "rand_like_rows", "sdar_distribution"]

@@ -79,6 +79,7 @@ class Engine:
 
     def resolve(self, params: SamplingParams) -> SamplingParams:
         """Check `params` against the strategy and the model, and fill the checkpoint's defaults."""
+        params = self.strategy_cls.request_defaults(params, self.strategy_state)
         self.strategy_cls.validate(params, self.spec)
         return params.resolve(self.spec.defaults, steps_mode=self.strategy_cls.steps_mode,
                               divisible=self.spec.attention == "full")
@@ -121,6 +122,7 @@ class _Run:
         self.strategy = engine.strategy_cls(p, self.spec)
         self.strategy.state, self.strategy.canvas = engine.strategy_state, self.canvas
         self.strategy.ctx = self.ctx = StepContext(self)
+        self.mask_fn = self.strategy.attention(self.canvas.attn_mask)   # what every forward is planned with
         self.cache = make_cache(engine.cache_name, engine.cache_options)
         self.cfg = p.cfg_scale > 0
         batch = len(requests) * (2 if self.cfg else 1)
@@ -207,22 +209,22 @@ class _Run:
         if edits.truncate is not None:
             c.truncate(edits.truncate)
             self.cache.on_truncate()
-        extra, extra_kv = self.ctx.take()
-        if extra:
+        extra, extra_kv = self.ctx.take()          # per row: forwards the strategy made for it
+        if extra is not None:
             self.kv_steps[-1] = self.kv_steps[-1] + extra_kv
-        for row in self.rows:
-            row.nfe += 1 + extra
+        for i, row in enumerate(self.rows):
+            row.nfe += 1 + (extra[i] if extra is not None else 0)
 
     def _forward(self, start: int, end: int, step: int, lo: int):
         """Logits [B, end - lo, V] for columns [lo, end) (the block, or every generated column for strategies
         that read them), through the cache policy (and CFG when enabled)."""
         c = self.canvas
-        tokens, positions, mask = c.tokens, c.positions, c.attn_mask
+        tokens, positions, mask = c.tokens, c.positions, self.mask_fn
         if self.cfg:  # unconditional rows: the same canvas with the prompt (and padding) masked
             uncond = tokens.clone()
             uncond[:, :c.gen_start] = self.spec.mask_id
             tokens, positions = torch.cat([tokens, uncond]), torch.cat([positions, positions])
-            mask = _doubled(c.attn_mask)
+            mask = _doubled(self.mask_fn)
         plan = self.cache.plan(start, end, step, mask)
         if plan.index is not None:  # the policy names the fed columns per row and where each block logit comes from
             ids, pos, logits_index = tokens.gather(1, plan.index), positions.gather(1, plan.index), plan.logits_index
@@ -300,7 +302,8 @@ class _Run:
         metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency,
                                  kv_computations=kv, kv_fraction=kv / full if full else 0.0,
                                  kv_computations_per_step=per_step, cache_stats=self.cache.row_stats(index),
-                                 num_remasked=int(self.remasked[index]))
+                                 num_remasked=int(self.remasked[index]),
+                                 strategy_stats=self.strategy.row_stats(index))
         r = row.request
         return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
                              [CompletionOutput(0, text, list(row.token_ids), reason)], metrics)
@@ -337,6 +340,9 @@ def _check_pairing(strategy, cache, spec) -> None:
                                     f"cache '{cache.name}' does not compute them: use cache none")
     if strategy.logits_span == "generation" and spec.attention != "full":
         raise InvalidParameterError(f"strategy '{strategy.name}' needs a full-attention model (LLaDA, Dream)")
+    if strategy.caches is not None and cache.name not in strategy.caches:
+        raise InvalidParameterError(f"strategy '{strategy.name}' works with cache {', '.join(strategy.caches)}; "
+                                    f"cache '{cache.name}' is not one of them")
     if strategy.remasks and not cache.supports_remask:
         raise InvalidParameterError(f"strategy '{strategy.name}' re-masks committed tokens, which cache "
                                     f"'{cache.name}' does not support; use cache none, prefix or dual")

@@ -14,7 +14,8 @@ class RequestMetrics:
     KV cache saves, independent of hardware), `kv_fraction` = that / (nfe x canvas length x layers), the
     uncached count (1.0 without a cache); `cache_stats` holds what a policy reports beyond that (Elastic-Cache:
     `layers_recomputed_fraction`, the fraction of layers its paper reports); `num_remasked` counts committed
-    tokens a remasking strategy (Saber) turned back into MASK."""
+    tokens a remasking strategy (Saber) turned back into MASK; `strategy_stats` holds what a strategy reports
+    beyond that (S2D2: `verify_calls`, `accepted_tokens`, `accepted_per_verify`, router decisions)."""
 
     nfe: int
     num_tokens: int
@@ -26,6 +27,7 @@ class RequestMetrics:
     tokens_per_forward: float = 0.0
     tokens_per_second: float = 0.0
     num_remasked: int = 0
+    strategy_stats: dict = field(default_factory=dict)   # the strategy's own counts (S2D2: verify calls, ...)
 
     def __post_init__(self) -> None:
         self.tokens_per_forward = self.num_tokens / self.nfe if self.nfe else 0.0

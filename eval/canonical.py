@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from dllm.decoding import factor, sdar, strategy_class, threshold
+from dllm.decoding.base import Strategy
 from dllm.defaults import resolve_cache, resolve_strategy
 from dllm.sampling_params import SamplingParams
 
@@ -18,7 +19,8 @@ from dllm.sampling_params import SamplingParams
 OPTION_DEFAULTS = {("threshold", None): {"threshold": threshold.DEFAULT_THRESHOLD},
                    ("factor", None): {"factor": factor.DEFAULT_FACTOR},
                    ("reference", "sdar"): {"threshold": sdar.DEFAULT_THRESHOLD,
-                                           "entropy_bound": sdar.DEFAULT_ENTROPY_BOUND}}
+                                           "entropy_bound": sdar.DEFAULT_ENTROPY_BOUND},
+                   ("s2d2", "sdar"): {"threshold": sdar.DEFAULT_THRESHOLD, "entropy_bound": sdar.DEFAULT_ENTROPY_BOUND}}
 
 
 def canonical(config, task=None):
@@ -28,7 +30,10 @@ def canonical(config, task=None):
     strategy = resolve_strategy(config.strategy, family)
     cache = resolve_cache(config.cache, family, strategy)
     cls = strategy_class(strategy, family)
-    params = SamplingParams(**config.sampling).resolve(spec.defaults, steps_mode=cls.steps_mode,
+    given = SamplingParams(**config.sampling)
+    if cls.request_defaults.__func__ is not Strategy.request_defaults.__func__:   # a preset's fields (S2D2)
+        given = cls.request_defaults(given, cls.resolve_engine_options(dict(config.strategy_options or {})))
+    params = given.resolve(spec.defaults, steps_mode=cls.steps_mode,
                                                        divisible=spec.attention == "full")
     filled = {**_option_defaults(strategy, family), **{k: v for k, v in dataclasses.asdict(params).items()
                                                        if v is not None}}
