@@ -4,6 +4,7 @@ from dllm.decoding.base import Strategy
 from dllm.decoding.dream import DreamReference
 from dllm.decoding.factor import FactorStrategy
 from dllm.decoding.guided import GuidedStrategy
+from dllm.decoding.learn2pd import Learn2PDStrategy
 from dllm.decoding.llada import LLaDAReference
 from dllm.decoding.sdar import SDARReference
 from dllm.decoding.threshold import ThresholdStrategy
@@ -14,6 +15,7 @@ STRATEGIES = {
     "threshold": ThresholdStrategy,
     "factor": FactorStrategy,
     "guided": GuidedStrategy,
+    "learn2pd": Learn2PDStrategy,
 }
 
 

@@ -1,0 +1,153 @@
+"""Learn2PD (`--strategy learn2pd`): token-exact parity at temperature 0 with an independent re-implementation of
+the authors' samplers (tests/reference_learn2pd.py: `generate_learn2parallel`, `generate_l2p_eot`,
+`generate_with_prefix_cache`, `generate_with_dual_cache`) on a tiny LLaDA checkpoint in the real layout, given the
+same filter file; the filter file format and its refusals; the Dream path's invariants.
+
+The checkpoint is the tests' tiny LLaDA with its EOS output row scaled up, so that end-of-text predictions (and so
+EoTP's cuts, both the filter-accepted and the most-confident branch) happen within a few steps; the filter is
+random with per-position biases, so that it accepts some positions and not others.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import load_tiny_state_dict, special_token_ids, write_tiny_llada
+from reference_learn2pd import RefFilter, l2p_generate, l2p_generate_cached
+from reference_llada import RefLLaDA
+from dllm import LLM, SamplingParams
+from dllm.decoding.l2p_filter import Filter, FilterConfig, ParallelFilter, load_filter, save_filter
+from dllm.errors import InvalidParameterError
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def eos_llada(tmp_path_factory) -> pathlib.Path:
+    path = write_tiny_llada(tmp_path_factory.mktemp("l2p") / "tiny-llada-eos", seed=1)
+    sd = load_file(str(path / "model.safetensors"))
+    eos = special_token_ids(path)["eos"]
+    sd["model.transformer.ff_out.weight"][eos] *= 4.0
+    save_file(sd, str(path / "model.safetensors"))
+    return path
+
+
+def make_filter(path, vocab: int, seed: int = 0, family: str = "llada", block: int = BLOCK) -> pathlib.Path:
+    g = torch.Generator().manual_seed(seed)
+    net = ParallelFilter(block)
+    with torch.no_grad():
+        net.linear1.weight.copy_(torch.randn(block, block, generator=g) * 2)
+        net.linear1.bias.copy_(torch.randn(block, generator=g))
+        net.linear2.weight.copy_(torch.randn(block, block, generator=g) * 0.5)
+        net.linear2.bias.copy_(torch.randn(block, generator=g) * 3 + 1.5)
+    cfg = FilterConfig(model="test", family=family, vocab_size=vocab, block_length=block)
+    save_filter(path, Filter(cfg, net))
+    return pathlib.Path(path).with_suffix(".json")
+
+
+@pytest.fixture(scope="module")
+def setup(eos_llada, tmp_path_factory):
+    cfg, sd = load_tiny_state_dict(eos_llada)
+    flt = make_filter(tmp_path_factory.mktemp("flt") / "filter", cfg["vocab_size"])
+    ref_filter = RefFilter(load_file(str(flt.with_suffix(".safetensors"))))
+    return RefLLaDA(cfg, sd), ref_filter, flt, special_token_ids(eos_llada)
+
+
+def prompts(n, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 250, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def run_dllm(path, flt, cache, prompt, gen, steps, eotp=True, threshold=None):
+    opts = {"filter": str(flt), "eotp": eotp}
+    if threshold is not None:
+        opts["threshold"] = threshold
+    llm = LLM(str(path), strategy="learn2pd", cache=cache, device="cpu", dtype="float32", strategy_options=opts)
+    out = llm.generate([prompt], SamplingParams(max_tokens=gen, block_length=BLOCK, steps=steps, temperature=0,
+                                                ignore_eos=True))[0]
+    return out
+
+
+CASES = [(0, 64, 64), (1, 96, 96), (2, 64, 32)]   # (seed, gen_length, steps)
+
+
+@pytest.mark.parametrize("eotp", [True, False])
+def test_no_cache_matches_generate_l2p_eot_and_learn2parallel(eos_llada, setup, eotp):
+    ref, ref_filter, flt, ids = setup
+    total_cuts = 0
+    for seed, gen, steps in CASES:
+        prompt = prompts(1, 7 + seed, seed)[0]
+        want, nfe, cuts = l2p_generate(ref, ref_filter, 0.96, torch.tensor([prompt]), steps, gen, BLOCK, ids["mask"],
+                                       ids["eos"], eot=eotp)
+        total_cuts += cuts
+        out = run_dllm(eos_llada, flt, "none", prompt, gen, steps, eotp)
+        assert out.token_ids == want[0, len(prompt):].tolist(), (seed, gen, steps)
+        assert out.metrics.nfe == nfe
+    assert (total_cuts > 0) == eotp            # EoTP did cut (and only when on)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_variants_match_the_authors_cached_samplers(eos_llada, setup, cache):
+    ref, ref_filter, flt, ids = setup
+    total_cuts = 0
+    for seed, gen, steps in CASES:
+        prompt = prompts(1, 7 + seed, seed)[0]
+        want, nfe, cuts = l2p_generate_cached(ref, ref_filter, 0.96, torch.tensor([prompt]), steps, gen, BLOCK,
+                                              ids["mask"], ids["eos"], cache)
+        total_cuts += cuts
+        out = run_dllm(eos_llada, flt, cache, prompt, gen, steps)
+        assert out.token_ids == want[0, len(prompt):].tolist(), (cache, seed, gen, steps)
+        assert out.metrics.nfe == nfe
+    assert total_cuts > 0
+
+
+def test_threshold_option_and_one_token_a_step(eos_llada, setup):
+    ref, ref_filter, flt, ids = setup
+    prompt = prompts(1, 9, 5)[0]
+    want, nfe, _ = l2p_generate(ref, ref_filter, 0.5, torch.tensor([prompt]), 64, 64, BLOCK, ids["mask"], ids["eos"])
+    out = run_dllm(eos_llada, flt, "none", prompt, 64, 64, threshold=0.5)
+    assert out.token_ids == want[0, 9:].tolist() and out.metrics.nfe == nfe
+    never = run_dllm(eos_llada, flt, "none", prompt, 64, 64, eotp=False, threshold=0.999999)
+    assert never.metrics.nfe <= 64 and len(never.token_ids) == 64       # at least one token a step
+
+
+def test_filter_file_round_trip_and_refusals(tmp_path, eos_llada):
+    vocab = load_tiny_state_dict(eos_llada)[0]["vocab_size"]
+    meta = make_filter(tmp_path / "f", vocab)
+    flt = load_filter(meta)
+    assert json.loads(meta.read_text())["block_length"] == BLOCK
+    x = torch.rand(3, 20)
+    padded = torch.cat([x, torch.zeros(3, BLOCK - 20)], 1)
+    assert torch.equal(flt.net(x), flt.net(padded)[:, :20])              # zero padding of a short block
+    assert sum(p.numel() for p in flt.net.parameters()) == 2 * (BLOCK * BLOCK + BLOCK)
+    llm = LLM(str(eos_llada), strategy="learn2pd", device="cpu", strategy_options={"filter": str(meta)})
+    with pytest.raises(InvalidParameterError, match="block_length 32"):
+        llm.generate(["hi"], SamplingParams(max_tokens=32, block_length=16))
+    other = make_filter(tmp_path / "g", vocab + 8)
+    with pytest.raises(InvalidParameterError, match="vocabulary"):
+        LLM(str(eos_llada), strategy="learn2pd", device="cpu", strategy_options={"filter": str(other)})
+    with pytest.raises(InvalidParameterError, match="no Learn2PD filter"):
+        LLM(str(eos_llada), strategy="learn2pd", device="cpu", strategy_options={"filter": str(tmp_path / "nope")})
+    with pytest.raises(InvalidParameterError, match="needs a filter"):
+        LLM(str(eos_llada), strategy="learn2pd", device="cpu")
+    with pytest.raises(InvalidParameterError, match="threshold"):
+        LLM(str(eos_llada), strategy="learn2pd", device="cpu", strategy_options={"filter": str(meta), "threshold": 2})
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_dream_decodes_every_position_within_the_forward_budget(tiny_dream, tmp_path, cache):
+    """No published Learn2PD Dream sampler: the invariants (every position decoded, at least one a step)."""
+    base = LLM(str(tiny_dream), strategy="reference", device="cpu", dtype="float32")
+    meta = make_filter(tmp_path / "d", base.loaded.arch.vocab_size, family="dream")
+    sp = SamplingParams(max_tokens=64, block_length=BLOCK, temperature=0, ignore_eos=True)
+    out = LLM(str(tiny_dream), strategy="learn2pd", cache=cache, device="cpu", dtype="float32",
+              strategy_options={"filter": str(meta), "eotp": False}).generate(["abc"], sp)[0]
+    assert len(out.token_ids) == 64 and base.spec.mask_id not in out.token_ids
+    assert out.metrics.nfe < 64                                           # the filter committed extra positions
+    with pytest.raises(InvalidParameterError, match="llada model"):
+        LLM(str(tiny_dream), strategy="learn2pd", device="cpu",
+            strategy_options={"filter": str(make_filter(tmp_path / "l", base.loaded.arch.vocab_size))})
