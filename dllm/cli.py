@@ -1,6 +1,6 @@
 """The `dllm` command: `dllm generate` (one-shot, prompts from arguments, a file or stdin), `dllm chat`
 (interactive; text streams as blocks become final), `dllm serve`, `dllm eval` and `dllm bench` (the evaluation
-harness in `eval/`). Every decoding and cache option of the API is exposed.
+harness in `eval/`), `dllm train-filter` (a Learn2PD filter for a model). Every decoding and cache option of the API is exposed.
 User errors print one line, `error: ...`, and exit with status 2."""
 from __future__ import annotations
 
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
     from dllm.server.cli import add_serve_parser  # argparse only: FastAPI is imported when `serve` runs
     add_serve_parser(sub)
+    from dllm.train.filter_cli import add_train_filter_parser
+    add_train_filter_parser(sub)
     evaluate = sub.add_parser("eval", help="evaluate a model on a task (resumable; writes records, summary, report)")
     _eval_options(evaluate)
     bench = sub.add_parser("bench", help="evaluate every setting of a grid; table, speed-ups and Pareto plot")
@@ -298,6 +300,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       "refused": result.refused}))
 
 
+def cmd_train_filter(args: argparse.Namespace) -> None:
+    from dllm.train.filter_cli import cmd_train_filter as run
+    run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from dllm.server.cli import run_serve
     run_serve(args)
@@ -308,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval,
-         "bench": cmd_bench}[args.command](args)
+         "bench": cmd_bench, "train-filter": cmd_train_filter}[args.command](args)
     except DllmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

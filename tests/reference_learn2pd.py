@@ -158,11 +158,12 @@ def l2p_generate_cached(model, filt, thr, prompt, steps, gen_length, block_lengt
 def egp_records(model, prompt, target, steps, gen_length, block_length, mask_id):
     """`generate_data` with `correct_answer=target` (the reference output, [1, P + G]): per block and step, the
     block's 32 confidences (logits' dtype) and whether each argmax equals the target; commit every correct
-    position; when a step's block argmax equals the previous step's, copy the target block in (record kept)."""
+    position; when a step's block argmax equals the previous step's, copy the target block in (record kept).
+    Returns (records, number of such stalls)."""
     P = prompt.shape[1]
     x = torch.full((1, P + gen_length), mask_id, dtype=torch.long)
     x[:, :P] = prompt
-    records = []
+    records, stalls = [], 0
     for b in range(gen_length // block_length):
         bs, be = P + b * block_length, P + (b + 1) * block_length
         i, prev = 0, None
@@ -173,8 +174,9 @@ def egp_records(model, prompt, target, steps, gen_length, block_length, mask_id)
             records.append({"step": i, "confidence": x0_p[0, bs:be].tolist(), "is_correct": correct[0].tolist()})
             if prev is not None and bool((block == prev).all()):
                 x[:, bs:be] = target[:, bs:be]
+                stalls += 1
                 continue
             x[:, bs:be] = torch.where(correct, block, x[:, bs:be])
             i += 1
             prev = block
-    return records
+    return records, stalls

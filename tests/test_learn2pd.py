@@ -151,3 +151,64 @@ def test_dream_decodes_every_position_within_the_forward_budget(tiny_dream, tmp_
     with pytest.raises(InvalidParameterError, match="llada model"):
         LLM(str(tiny_dream), strategy="learn2pd", device="cpu",
             strategy_options={"filter": str(make_filter(tmp_path / "l", base.loaded.arch.vocab_size))})
+
+
+# --------------------------------------------------------------------------- training data and training
+
+def test_replay_records_equal_the_authors_generator(tiny_llada):
+    """`generate_data`'s records (step, 32 confidences, is_correct) on the same weights, the stall guard included;
+    two prompts of different lengths decoded as one padded batch."""
+    from reference_learn2pd import egp_records
+    from reference_llada import llada_generate
+    from dllm.train.filter import replay_records
+    cfg, sd = load_tiny_state_dict(tiny_llada)
+    ref, ids = RefLLaDA(cfg, sd), special_token_ids(tiny_llada)
+    llm = LLM(str(tiny_llada), strategy="reference", cache="none", device="cpu", dtype="float32")
+    batch = prompts(1, 6, 14) + prompts(1, 9, 12)
+    got = replay_records(llm, batch, 64, BLOCK)
+    stalls = 0
+    for prompt, records in zip(batch, got):
+        p = torch.tensor([prompt])
+        target = llada_generate(ref, p, steps=64, gen_length=64, block_length=BLOCK, mask_id=ids["mask"],
+                                eos_id=ids["eos"], eot_id=ids["eot"])
+        want, stalled = egp_records(ref, p, target, 64, 64, BLOCK, ids["mask"])
+        assert [(r["step"], r["is_correct"]) for r in records] == [(r["step"], r["is_correct"]) for r in want]
+        assert torch.allclose(torch.tensor([r["confidence"] for r in records]),
+                              torch.tensor([r["confidence"] for r in want]), atol=1e-5)
+        stalls += stalled
+    assert stalls > 0                                                      # the stall-guard path ran
+
+
+def test_training_on_a_synthetic_set_converges():
+    """Labels a fixed function of the features (position i is correct iff its confidence > 0.5 + i / 100): the
+    2-layer filter can represent it, so held-out accuracy must clear 0.9 and beat the majority class by 0.2
+    (the majority share here is about 0.66), and the loss must fall by more than half."""
+    from dllm.train.filter import fit
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3000, BLOCK, generator=g)
+    y = (x > 0.5 + torch.arange(BLOCK) / 100).float()
+    net, report = fit(x, y, epochs=1500, lr=3e-3, seed=0, threshold=0.5, device=torch.device("cpu"))
+    assert report["final_loss"] < report["first_loss"] / 2
+    assert report["test_accuracy"] > 0.9
+    assert report["test_accuracy"] > report["test_majority_accuracy"] + 0.2
+    assert report["records"] == 3000 and report["test"] == 300
+
+
+def test_train_filter_cli_writes_a_usable_filter_and_resumes(tiny_llada, tmp_path, capsys):
+    from dllm.cli import main
+    out = tmp_path / "flt"
+    argv = ["train-filter", "--model", str(tiny_llada), "--task", "arith", "--output", str(out), "--num-problems",
+            "2", "--max-tokens", "32", "--epochs", "60", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["prompts"] == 2 and report["split"] == "train" and report["records"] >= 2
+    data = tmp_path / "flt.data" / "records.jsonl"
+    lines = data.read_text()
+    assert main(argv) == 0                                                 # resumes: nothing replayed again
+    assert data.read_text() == lines
+    flt = load_filter(out)
+    assert flt.config.block_length == BLOCK and flt.config.training["tasks"] == ["arith"]
+    llm = LLM(str(tiny_llada), strategy="learn2pd", device="cpu", strategy_options={"filter": str(out) + ".json"})
+    assert len(llm.generate(["hi"], SamplingParams(max_tokens=32, block_length=32))[0].token_ids) >= 1
+    assert main(argv[:4] + ["nope"] + argv[5:]) == 2
+    assert "unknown task" in capsys.readouterr().err
