@@ -182,16 +182,16 @@ def test_replay_records_equal_the_authors_generator(tiny_llada):
 def test_training_on_a_synthetic_set_converges():
     """Labels a fixed function of the features (position i is correct iff its confidence > 0.5 + i / 100): the
     2-layer filter can represent it, so held-out accuracy must clear 0.9 and beat the majority class by 0.2
-    (the majority share here is about 0.66), and the loss must fall by more than half."""
+    (the majority share here is about 0.65; the filter reaches about 0.94), and the loss must fall by more than half."""
     from dllm.train.filter import fit
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(3000, BLOCK, generator=g)
+    x = torch.rand(1000, BLOCK, generator=g)
     y = (x > 0.5 + torch.arange(BLOCK) / 100).float()
-    net, report = fit(x, y, epochs=1500, lr=3e-3, seed=0, threshold=0.5, device=torch.device("cpu"))
+    net, report = fit(x, y, epochs=600, lr=3e-3, seed=0, threshold=0.5, device=torch.device("cpu"))
     assert report["final_loss"] < report["first_loss"] / 2
     assert report["test_accuracy"] > 0.9
     assert report["test_accuracy"] > report["test_majority_accuracy"] + 0.2
-    assert report["records"] == 3000 and report["test"] == 300
+    assert report["records"] == 1000 and report["test"] == 100
 
 
 def test_train_filter_cli_writes_a_usable_filter_and_resumes(tiny_llada, tmp_path, capsys):
@@ -206,6 +206,7 @@ def test_train_filter_cli_writes_a_usable_filter_and_resumes(tiny_llada, tmp_pat
     lines = data.read_text()
     assert main(argv) == 0                                                 # resumes: nothing replayed again
     assert data.read_text() == lines
+    assert "held-out accuracy" in (tmp_path / "flt.md").read_text()          # the filter's card
     flt = load_filter(out)
     assert flt.config.block_length == BLOCK and flt.config.training["tasks"] == ["arith"]
     llm = LLM(str(tiny_llada), strategy="learn2pd", device="cpu", strategy_options={"filter": str(out) + ".json"})

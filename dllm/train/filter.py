@@ -177,6 +177,9 @@ def fit(features: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float, se
     """Train on [N, L] confidences and 0/1 labels (80/10/10 split of a seeded shuffle); returns the net of lowest
     validation loss and its report (losses, test accuracy, precision, false-positive share at `threshold`)."""
     from tqdm import tqdm
+    if device.type == "cpu":
+        from dllm.threads import configure_cpu_threads
+        configure_cpu_threads()       # torch's default spins on every core: many times slower on a busy machine
     n, width = features.shape
     if n < 10:
         raise InvalidParameterError(f"only {n} training records; use more problems (--num-problems)")
@@ -260,8 +263,37 @@ def train_filter(cfg: FilterTrainConfig) -> dict:
                           block_length=cfg.block_length, threshold=cfg.threshold,
                           training={**report, **cfg.extra})
     path = save_filter(out, Filter(config, net))
+    path.with_suffix(".md").write_text(card(cfg, config, report))
     report["filter"], report["loss_history"] = str(path), history
     return report
+
+
+CARD = """# Learn2PD filter for {model}
+
+A 2-layer {width}->{width}->{width} MLP (`dllm.decoding.l2p_filter`, {params:,} parameters) for `--strategy learn2pd`
+on {model} ({family}), blocks of {width}, accept threshold {threshold}.
+
+- **data**: oracle replay of the reference sampler (one token a step, {max_tokens} tokens, temperature 0) on the
+  first {num_problems} **train**-split problems of each of {tasks} ({prompts} prompts, {prompt_format}); {records:,}
+  records (one per block step: {width} confidences, {width} labels), {data_mb:.2f} MB of JSONL, {data_seconds} s on {device}
+- **training**: {epochs:,} full-batch epochs of AdamW (lr {lr}) on BCE, 80/10/10 split of the shuffled records
+  (seed {seed}); loss {first_loss} -> {final_loss}, best validation loss {best_validation_loss} (the weights kept);
+  {train_seconds} s
+- **held-out accuracy** (test split, {test} records, per position, at {threshold}): {test_accuracy:.4f}; precision of
+  the accepts {test_precision}; accept rate {test_accept_rate}; label rate {test_label_rate} (majority-class
+  accuracy {test_majority_accuracy:.4f})
+
+Command: `dllm train-filter --model {model} {task_flags} --num-problems {num_problems} --epochs {epochs} --output NAME`
+"""
+
+
+def card(cfg: FilterTrainConfig, config: FilterConfig, report: dict) -> str:
+    """The filter's card (Markdown): data, training, held-out accuracy, the command."""
+    return CARD.format(**{
+        **report, "model": cfg.model, "tasks": ", ".join(cfg.tasks)}, family=config.family, width=config.block_length,
+        threshold=config.threshold, params=2 * config.block_length * (config.block_length + 1),
+        prompt_format="problem text alone" if cfg.raw_prompts else "chat template", seed=cfg.seed,
+        data_mb=report["data_bytes"] / 1e6, task_flags=" ".join(f"--task {t}" for t in cfg.tasks))
 
 
 __all__ = ["EGPReplay", "FilterTrainConfig", "fit", "replay_records", "train_filter"]
