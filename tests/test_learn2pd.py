@@ -213,3 +213,16 @@ def test_train_filter_cli_writes_a_usable_filter_and_resumes(tiny_llada, tmp_pat
     assert len(llm.generate(["hi"], SamplingParams(max_tokens=32, block_length=32))[0].token_ids) >= 1
     assert main(argv[:4] + ["nope"] + argv[5:]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-dream"])
+def test_zoo_models_ship_a_filter_with_a_card(name):
+    from dllm.zoo import FILTERS_DIR
+    flt = load_filter(FILTERS_DIR / f"{name}.json")
+    assert flt.config.model == name and flt.config.block_length == BLOCK
+    assert flt.config.training["split"] == "train"                              # never the test split
+    assert "held-out accuracy" in (FILTERS_DIR / f"{name}.md").read_text()
+    llm = LLM(name, strategy="learn2pd", device="cpu")                        # no filter given: the shipped one
+    out = llm.chat([{"role": "user", "content": "What is 12 + 7?"}],
+                   SamplingParams(max_tokens=64, block_length=BLOCK, temperature=0))[0]
+    assert out.metrics.nfe < 64 and len(out.token_ids) >= 1

@@ -256,7 +256,8 @@ def train_filter(cfg: FilterTrainConfig) -> dict:
     t1 = time.perf_counter()
     net, report = fit(x, y, cfg.epochs, cfg.lr, cfg.seed, cfg.threshold, device, cfg.progress)
     report.update(data_seconds=round(data_seconds, 1), train_seconds=round(time.perf_counter() - t1, 1),
-                  prompts=len(store.done), data_bytes=store.size_bytes(), tasks=cfg.tasks, split="train",
+                  prompts=len(store.done), data_bytes=store.size_bytes(),
+                  prompts_per_task=_per_task(store.done), tasks=cfg.tasks, split="train",
                   num_problems=cfg.num_problems, max_tokens=max_tokens, device=str(device))
     history = report.pop("loss_history")
     config = FilterConfig(model=cfg.model, family=spec.family, vocab_size=llm.loaded.arch.vocab_size,
@@ -274,7 +275,7 @@ A 2-layer {width}->{width}->{width} MLP (`dllm.decoding.l2p_filter`, {params:,} 
 on {model} ({family}), blocks of {width}, accept threshold {threshold}.
 
 - **data**: oracle replay of the reference sampler (one token a step, {max_tokens} tokens, temperature 0) on the
-  first {num_problems} **train**-split problems of each of {tasks} ({prompts} prompts, {prompt_format}); {records:,}
+  **train** split of {tasks} ({prompts} prompts: {per_task}; {prompt_format}); {records:,}
   records (one per block step: {width} confidences, {width} labels), {data_mb:.2f} MB of JSONL, {data_seconds} s on {device}
 - **training**: {epochs:,} full-batch epochs of AdamW (lr {lr}) on BCE, 80/10/10 split of the shuffled records
   (seed {seed}); loss {first_loss} -> {final_loss}, best validation loss {best_validation_loss} (the weights kept);
@@ -287,13 +288,20 @@ Command: `dllm train-filter --model {model} {task_flags} --num-problems {num_pro
 """
 
 
+def _per_task(done: dict) -> dict:
+    counts: dict[str, int] = {}
+    for key in done:                                  # "<task>/train/<i>"
+        counts[key.split("/")[0]] = counts.get(key.split("/")[0], 0) + 1
+    return counts
+
+
 def card(cfg: FilterTrainConfig, config: FilterConfig, report: dict) -> str:
     """The filter's card (Markdown): data, training, held-out accuracy, the command."""
     return CARD.format(**{
         **report, "model": cfg.model, "tasks": ", ".join(cfg.tasks)}, family=config.family, width=config.block_length,
         threshold=config.threshold, params=2 * config.block_length * (config.block_length + 1),
         prompt_format="problem text alone" if cfg.raw_prompts else "chat template", seed=cfg.seed,
-        data_mb=report["data_bytes"] / 1e6, task_flags=" ".join(f"--task {t}" for t in cfg.tasks))
+        data_mb=report["data_bytes"] / 1e6, per_task=", ".join(f"{k} {v}" for k, v in report["prompts_per_task"].items()), task_flags=" ".join(f"--task {t}" for t in cfg.tasks))
 
 
 __all__ = ["EGPReplay", "FilterTrainConfig", "fit", "replay_records", "train_filter"]
