@@ -105,6 +105,20 @@ def test_cached_variants_match_the_authors_cached_samplers(eos_llada, setup, cac
     assert total_cuts > 0
 
 
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_a_row_decodes_the_same_alone_and_in_a_padded_batch(eos_llada, setup, cache):
+    """Rows of one batch cut their canvases at different columns; each equals its own run."""
+    _, _, flt, _ = setup
+    llm = LLM(str(eos_llada), strategy="learn2pd", cache=cache, device="cpu", dtype="float32",
+              strategy_options={"filter": str(flt)})
+    sp = SamplingParams(max_tokens=96, block_length=BLOCK, temperature=0, ignore_eos=True)
+    batch = [prompts(1, 8, 5)[0], prompts(1, 5, 6)[0], prompts(1, 8, 4)[0]]
+    together = [o.token_ids for o in llm.generate(batch, sp)]
+    alone = [llm.generate([p], sp)[0].token_ids for p in batch]
+    assert together == alone
+    assert len({len(t) for t in together}) >= 2                           # different cuts
+
+
 def test_threshold_option_and_one_token_a_step(eos_llada, setup):
     ref, ref_filter, flt, ids = setup
     prompt = prompts(1, 9, 5)[0]
