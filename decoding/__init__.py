@@ -4,6 +4,7 @@ from dllm.decoding.base import Strategy
 from dllm.decoding.dream import DreamReference
 from dllm.decoding.factor import FactorStrategy
 from dllm.decoding.guided import GuidedStrategy
+from dllm.decoding.learn2pd import Learn2PDStrategy
 from dllm.decoding.llada import LLaDAReference
 from dllm.decoding.s2d2 import S2D2Strategy
 from dllm.decoding.sdar import SDARReference
@@ -16,6 +17,7 @@ STRATEGIES = {
     "factor": FactorStrategy,
     "guided": GuidedStrategy,
     "s2d2": S2D2Strategy,
+    "learn2pd": Learn2PDStrategy,
 }
 
 

@@ -10,7 +10,8 @@ Verbs (the engine calls nothing else):
 What a strategy declares (class attributes / methods with defaults):
   logits_span         "block": logits and masks cover the current block [start, end); "generation": every
                       generated column up to the block's end [gen_start, end) (needs a cache whose forwards feed
-                      every column, i.e. none; full-attention families)
+                      every column, i.e. none; full-attention families); "tail": the block and the rest of the
+                      canvas [start, T) when the cache feeds every column, else the block (commits stay in the block)
   remasks             the strategy may return `StepEdits.remask` (committed positions back to MASK); the engine
                       tells the cache, and streams text only left of `final_limit()`
   final_limit()       per row, the absolute column below which committed text can no longer change (None: all)

@@ -1,6 +1,6 @@
 """The `dllm` command: `dllm generate` (one-shot, prompts from arguments, a file or stdin), `dllm chat`
 (interactive; text streams as blocks become final), `dllm serve`, `dllm eval` and `dllm bench` (the evaluation
-harness in `eval/`). Every decoding and cache option of the API is exposed.
+harness in `eval/`), `dllm train-filter` (a Learn2PD filter for a model). Every decoding and cache option of the API is exposed.
 User errors print one line, `error: ...`, and exit with status 2."""
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
                         "(LLaDA generate, Dream diffusion_generate, SDAR block_diffusion_generate); threshold = "
                         "Fast-dLLM, every position with confidence >= --threshold; factor = Fast-dLLM factor rule "
                         "(--factor); guided = FlashDLM's guided diffusion (needs --strategy-option guide=MODEL); s2d2 = S2D2 "
-                        "self-speculation on SDAR (e.g. --strategy-option preset=config-a; README: S2D2). "
+                        "self-speculation on SDAR (e.g. --strategy-option preset=config-a; README: S2D2); learn2pd = "
+                        "Learn2PD's learned commit filter with end-of-text prediction (--strategy-option filter=PATH "
+                        "from `dllm train-filter`; tiny-llada and tiny-dream ship one). "
                         f"Default: auto = the fastest setting within 1 point of reference on the zoo ({describe()}; "
                         "BENCHMARKS.md); --strategy reference gives the published sampler")
     g.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
     from dllm.server.cli import add_serve_parser  # argparse only: FastAPI is imported when `serve` runs
     add_serve_parser(sub)
+    from dllm.train.filter_cli import add_train_filter_parser
+    add_train_filter_parser(sub)
     evaluate = sub.add_parser("eval", help="evaluate a model on a task (resumable; writes records, summary, report)")
     _eval_options(evaluate)
     bench = sub.add_parser("bench", help="evaluate every setting of a grid; table, speed-ups and Pareto plot")
@@ -299,6 +303,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       "refused": result.refused}))
 
 
+def cmd_train_filter(args: argparse.Namespace) -> None:
+    from dllm.train.filter_cli import cmd_train_filter as run
+    run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from dllm.server.cli import run_serve
     run_serve(args)
@@ -309,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval,
-         "bench": cmd_bench}[args.command](args)
+         "bench": cmd_bench, "train-filter": cmd_train_filter}[args.command](args)
     except DllmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

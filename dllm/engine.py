@@ -124,6 +124,9 @@ class _Run:
         self.strategy.ctx = self.ctx = StepContext(self)
         self.mask_fn = self.strategy.attention(self.canvas.attn_mask)   # what every forward is planned with
         self.cache = make_cache(engine.cache_name, engine.cache_options)
+        # "tail" (Learn2PD's end-of-text scope): the rest of the canvas too, when the cache computes it
+        span = self.strategy.logits_span
+        self.span = "block" if span == "tail" and not self.cache.feeds_all else span
         self.cfg = p.cfg_scale > 0
         batch = len(requests) * (2 if self.cfg else 1)
         self.cache.extra_columns = self.strategy.scratch_width(p.block_length)
@@ -185,13 +188,14 @@ class _Run:
 
     def _step(self, start: int, end: int, step: int) -> None:
         c = self.canvas
-        lo = start if self.strategy.logits_span == "block" else c.gen_start
-        span = c.tokens[:, lo:end]
+        lo = c.gen_start if self.span == "generation" else start
+        hi = c.length if self.span == "tail" else end
+        span = c.tokens[:, lo:hi]
         masked = span == self.spec.mask_id
-        alive = c.alive(lo, end)
+        alive = c.alive(lo, hi)
         if alive is not None:
             masked &= alive
-        logits, plan = self._forward(start, end, step, lo)
+        logits, plan = self._forward(start, end, step, lo, hi)
         choosable = masked if plan.commit_mask is None else masked & plan.commit_mask
         edits = self.strategy.step(logits, choosable, [r.generator for r in self.rows], plan.first_only)
         if not isinstance(edits, StepEdits):
@@ -205,7 +209,7 @@ class _Run:
             full[:, lo:end] = remask
             self.cache.on_remask(full)
             self.remasked += remask.sum(1)
-        c.tokens[:, lo:end] = new
+        c.tokens[:, lo:hi] = new
         if edits.truncate is not None:
             c.truncate(edits.truncate)
             self.cache.on_truncate()
@@ -215,9 +219,9 @@ class _Run:
         for i, row in enumerate(self.rows):
             row.nfe += 1 + (extra[i] if extra is not None else 0)
 
-    def _forward(self, start: int, end: int, step: int, lo: int):
-        """Logits [B, end - lo, V] for columns [lo, end) (the block, or every generated column for strategies
-        that read them), through the cache policy (and CFG when enabled)."""
+    def _forward(self, start: int, end: int, step: int, lo: int, hi: int):
+        """Logits [B, hi - lo, V] for columns [lo, hi) (the block, every generated column up to its end, or the
+        block and the rest of the canvas, as the strategy reads them), through the cache policy (and CFG)."""
         c = self.canvas
         tokens, positions, mask = c.tokens, c.positions, self.mask_fn
         if self.cfg:  # unconditional rows: the same canvas with the prompt (and padding) masked
@@ -230,7 +234,7 @@ class _Run:
             ids, pos, logits_index = tokens.gather(1, plan.index), positions.gather(1, plan.index), plan.logits_index
         else:
             ids, pos = tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end]
-            logits_index = self._slice_logits(lo, end, plan.start, ids.shape[0])
+            logits_index = self._slice_logits(lo, hi, plan.start, ids.shape[0])
         logits = self.engine.runner.forward(ids, pos, plan, logits_index)
         fed = ids.shape[1]
         done = plan.kv_computations if plan.kv_computations is not None else fed * self.num_layers
