@@ -5,6 +5,7 @@ from dllm.decoding.dream import DreamReference
 from dllm.decoding.factor import FactorStrategy
 from dllm.decoding.guided import GuidedStrategy
 from dllm.decoding.llada import LLaDAReference
+from dllm.decoding.saber import SaberDream, SaberLLaDA
 from dllm.decoding.sdar import SDARReference
 from dllm.decoding.threshold import ThresholdStrategy
 from dllm.errors import InvalidParameterError
@@ -14,6 +15,7 @@ STRATEGIES = {
     "threshold": ThresholdStrategy,
     "factor": FactorStrategy,
     "guided": GuidedStrategy,
+    "saber": {"llada": SaberLLaDA, "dream": SaberDream},
 }
 
 
