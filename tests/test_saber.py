@@ -182,3 +182,13 @@ def test_sdar_has_no_saber():
     from dllm import LLM
     with pytest.raises(InvalidParameterError, match="strategy 'saber' has no implementation for sdar models"):
         LLM("tiny-sdar", strategy="saber", device="cpu")
+
+
+def test_bench_gives_saber_options_to_saber_only():
+    """`dllm bench --strategy-option mu=8 --grid strategies=reference,threshold,saber`: the baseline and threshold
+    rows run without the option (they would refuse it), the saber row with it."""
+    from dllm.eval.bench import expand, parse_grid
+    from dllm.eval.runner import EvalConfig
+    base = EvalConfig(task="arith", model="tiny-llada", strategy_options={"mu": 8})
+    plan = expand(base, parse_grid(["strategies=reference,threshold,saber", "caches=none"]), "llada")
+    assert {c.strategy: c.strategy_options for _, c in plan} == {"reference": {}, "threshold": {}, "saber": {"mu": 8}}
