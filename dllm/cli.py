@@ -48,7 +48,9 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
                    help="which masked positions a step commits: reference = the model family's own sampler "
                         "(LLaDA generate, Dream diffusion_generate, SDAR block_diffusion_generate); threshold = "
                         "Fast-dLLM, every position with confidence >= --threshold; factor = Fast-dLLM factor rule "
-                        "(--factor); guided = FlashDLM's guided diffusion (needs --strategy-option guide=MODEL). "
+                        "(--factor); guided = FlashDLM's guided diffusion (needs --strategy-option guide=MODEL); saber = Saber, "
+                        "adaptive commits with backtracking remasking (LLaDA, Dream; cache none; --strategy-option "
+                        "mu=2|8, n=2). "
                         f"Default: auto = the fastest setting within 1 point of reference on the zoo ({describe()}; "
                         "BENCHMARKS.md); --strategy reference gives the published sampler")
     g.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
