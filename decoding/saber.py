@@ -137,6 +137,14 @@ class SaberDream(_Saber):
     engine_options = {"mu": 8, "n": 2}
     _row_state = ("first",)
 
+    @classmethod
+    def prepare(cls, options: dict, loaded) -> dict:
+        opts = super().prepare(options, loaded)
+        if opts["n"] < 2:   # Dream re-masks at least one token a step: with one commit a step it could stall
+            raise InvalidParameterError(f"saber option n={opts['n']} must be >= 2 on Dream models (it re-masks at "
+                                        "least one token a step)")
+        return opts
+
     def decide(self, logits, masked, generators):
         b, s = masked.shape
         if self.step_index == 0 and not hasattr(self, "first"):

@@ -173,6 +173,12 @@ def test_bad_options_are_one_line_errors(options, message):
         LLM("tiny-llada", strategy="saber", device="cpu", strategy_options=options)
 
 
+def test_dream_needs_n_of_at_least_two():
+    from dllm import LLM
+    with pytest.raises(InvalidParameterError, match="saber option n=1 must be >= 2 on Dream models"):
+        LLM("tiny-dream", strategy="saber", device="cpu", strategy_options={"n": 1})
+
+
 def test_sampling_options_it_does_not_read_are_refused(saber):
     with pytest.raises(InvalidParameterError, match="threshold does not apply to strategy 'saber'"):
         saber().generate(["hi"], SamplingParams(max_tokens=8, threshold=0.9))
