@@ -24,12 +24,13 @@ Dream (`Dream/generation_utils.py::DreamGenerationMixin._sample`; one block, lik
 Comparisons follow the authors' dtypes: tau (a float32 mean) is compared in the confidence's dtype, as torch does
 for a 0-dim tensor or a Python float against a bf16 tensor.
 
-Deterministic choices where the authors' `torch.topk` leaves one open: ties go to the lower position; when fewer
-than n positions are still masked in the window, only those are committed (the authors' top-n then also picks
--inf entries at an unspecified index: prompt, committed or later-block positions; with n = 2 and block_length >= 2
-this never happens, as each step leaves either no mask or at least two in the window); only positions with a
-finite key are re-masked (with n = 2 there are always enough). Dream with several blocks (an extension; the
-authors' Dream code has no blocks) commits and re-masks left of the block's end only.
+Ties (frequent in bf16) break as the authors' `torch.topk` breaks them: it runs on each row laid out as their canvas
+(LLaDA: prompt + generation, -inf/+inf outside the candidates; Dream: the candidates gathered in position order).
+Where their top-n picks an entry outside the candidates (fewer than n masks left in the window: the -inf tail, an
+unspecified prompt, committed or later-block position) only the masked ones are committed; with n = 2 and
+block_length >= 2 this never happens, as each step leaves either no mask or at least two in the window. Likewise
+only positions with a finite key are re-masked (with n = 2 there are always enough). Dream with several blocks (an
+extension; the authors' Dream code has no blocks) commits and re-masks left of the block's end only.
 
 Text is final only when the row is complete: any committed generated position left of E may be re-masked, so
 streaming yields a row's text once, at its end, and a committed stop token ends a row only then.
@@ -69,7 +70,9 @@ class _Saber(Strategy):
     def select_rows(self, keep: torch.Tensor) -> None:
         for name in self._row_state:
             value = getattr(self, name, None)
-            if value is not None:
+            if isinstance(value, list):
+                setattr(self, name, [value[i] for i in keep.tolist()])
+            elif value is not None:
                 setattr(self, name, value[keep])
 
     def step(self, logits, masked, generators, first_only=False):
@@ -79,20 +82,40 @@ class _Saber(Strategy):
         return StepEdits(x0, commit, remask)
 
 
-def _top_by(key: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, descending: bool) -> torch.Tensor:
-    """[B, S] bool: per row the k[b] eligible positions with the largest (descending) or smallest key; ties to the
-    lower position; never more than the row's eligible count."""
-    fill = -torch.inf if descending else torch.inf
-    order = torch.sort(key.masked_fill(~eligible, fill), dim=-1, descending=descending, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (rank < k[:, None]) & eligible
+def _topk_canvas(values, ks, largest, offsets, width, fill) -> torch.Tensor:
+    """[B, S] bool: per row, `torch.topk` (k = ks[b]) over the row laid out as the authors' canvas (prompt of
+    offsets[b] columns, then `width` generated ones, `fill` outside the span), so that ties break exactly as theirs do
+    on the same device; picks outside the span (the authors' unspecified -inf/+inf tail) are dropped."""
+    b, s = values.shape
+    out = torch.zeros((b, s), dtype=torch.bool, device=values.device)
+    for r, k in enumerate(ks):
+        if k <= 0:
+            continue
+        row = torch.full((offsets[r] + width,), fill, dtype=values.dtype, device=values.device)
+        row[offsets[r]:offsets[r] + s] = values[r]
+        idx = torch.topk(row, k=k, largest=largest).indices - offsets[r]
+        out[r, idx[(idx >= 0) & (idx < s)]] = True
+    return out
+
+
+def _topk_compact(values, eligible, ks, largest) -> torch.Tensor:
+    """[B, S] bool: per row, `torch.topk` (k = min(ks[b], #eligible)) over the eligible values in position order
+    (the authors' Dream gathers them so), mapped back to positions."""
+    out = torch.zeros_like(eligible)
+    for r, k in enumerate(ks):
+        pos = eligible[r].nonzero().squeeze(-1)
+        k = min(k, pos.numel())
+        if k <= 0:
+            continue
+        vals = values[r, pos]
+        out[r, pos[torch.topk(vals if largest else -vals, k=k).indices]] = True
+    return out
 
 
 class SaberLLaDA(_Saber):
     families = ("llada",)
     engine_options = {"mu": 2, "n": 2}
-    _row_state = ("final", "last")
+    _row_state = ("final", "last", "offsets")
 
     def decide(self, logits, masked, generators):
         b, s = masked.shape
@@ -103,14 +126,15 @@ class SaberLLaDA(_Saber):
         n, mu = self.state["n"], self.state["mu"]
         x0, probs = self.propose(logits, self.params, generators, self.token_ids(logits.device), None, self.active)
         c = probs.gather(-1, x0[..., None]).squeeze(-1)                      # [B, S] in the logits' dtype
-        if self.last is None:
-            self.last = torch.zeros((b, g), dtype=c.dtype, device=c.device)
+        if self.last is None:   # float32 zeros, as the authors' (the first step's delta is then float32)
+            self.last = torch.zeros((b, g), dtype=torch.float32, device=c.device)
+            self.offsets = self.canvas.positions[:, self.canvas.gen_start].tolist()   # prompt lengths
         c_full = torch.full((b, g), -torch.inf, dtype=c.dtype, device=c.device)
         c_full[:, :s] = c
         delta = c_full - self.last
         delta = torch.where(torch.isfinite(delta), delta, torch.full_like(delta, torch.inf))[:, :s]
         live = masked.any(-1)                                                 # rows with work left in the window
-        self.last = torch.where(live[:, None], c_full, self.last)
+        self.last = torch.where(live[:, None], c_full, self.last.to(c.dtype))
         cand = c.masked_fill(~masked, -torch.inf)
         # tau: mean of the latest commit confidences left of E (float32), compared in c's dtype
         window = self.final[:, :s]
@@ -120,7 +144,7 @@ class SaberLLaDA(_Saber):
                            for r in range(b)]).to(c.dtype)
         above = cand > tau[:, None]
         few = above.sum(-1) < n
-        top = _top_by(cand, masked, torch.full((b,), n, device=c.device), descending=True)
+        top = _topk_canvas(cand, [n if f else 0 for f in few.tolist()], True, self.offsets, g, -torch.inf)
         commit = torch.where(few[:, None], top, above) & masked
         fix = torch.clamp(above.sum(-1), min=n)
         self.final[:, :s] = torch.where(commit, c.float(), self.final[:, :s])
@@ -128,7 +152,8 @@ class SaberLLaDA(_Saber):
         r = torch.minimum(torch.clamp((fix + mu - 1) // mu, min=n // 2), fix - 1).clamp(min=0)
         r = torch.where(still.any(-1), r, torch.zeros_like(r))
         committed = ~still
-        remask = _top_by(delta, committed & torch.isfinite(delta), r, descending=False)
+        key = delta.masked_fill(~committed, torch.inf)
+        remask = _topk_canvas(key, r.tolist(), False, self.offsets, g, torch.inf) & committed & torch.isfinite(delta)
         return x0, commit, remask
 
 
@@ -160,7 +185,7 @@ class SaberDream(_Saber):
                            for r in range(b)]).to(c.dtype)
         above = (cand > tau[:, None]) & masked
         few = above.sum(-1) < n
-        top = _top_by(cand, masked, torch.full((b,), n, device=c.device), descending=True)
+        top = _topk_compact(cand, masked, [n if f else 0 for f in few.tolist()], largest=True)
         commit = torch.where(few[:, None], top, above) & masked
         first = self.first[:, :s]
         self.first[:, :s] = torch.where(commit & torch.isnan(first), c.float(), first)
@@ -171,5 +196,5 @@ class SaberDream(_Saber):
         r = torch.clamp(torch.minimum((new + mu - 1) // mu, new - 1), min=1)
         committed = ~still
         r = torch.where(still.any(-1) & (committed.sum(-1) > 1), r, torch.zeros_like(r))
-        remask = _top_by(p_now, committed, r, descending=False)
+        remask = _topk_compact(p_now, committed, r.tolist(), largest=False)
         return x0, commit, remask

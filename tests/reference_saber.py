@@ -6,8 +6,8 @@
   confidence's dtype as torch does for a 0-dim tensor).
 - `saber_dream`: `Dream/generation_utils.py::DreamGenerationMixin._sample` (temperature 0, eos_penalty 0).
 
-Each returns (canvas [1, P + G], number of forwards, number of re-masked tokens). Both use `torch.topk` as the authors do; the tests use
-prompts and settings where it has no ties to break.
+Each returns (canvas [1, P + G], number of forwards, number of re-masked tokens). Both use `torch.topk` on
+tensors laid out as the authors' (full canvas rows; Dream's gathered candidates), so ties break as theirs do.
 """
 from __future__ import annotations
 

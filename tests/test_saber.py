@@ -198,3 +198,50 @@ def test_bench_gives_saber_options_to_saber_only():
     base = EvalConfig(task="arith", model="tiny-llada", strategy_options={"mu": 8})
     plan = expand(base, parse_grid(["strategies=reference,threshold,saber", "caches=none"]), "llada")
     assert {c.strategy: c.strategy_options for _, c in plan} == {"reference": {}, "threshold": {}, "saber": {"mu": 8}}
+
+
+class _Full:
+    attn_mask = None
+
+    def kv(self, layer, k, v):
+        return k, v
+
+
+class _RuntimeForward:
+    """The runtime's own model forward (bf16 here) shaped as the oracle's `model(x) -> (logits,)`, so the sampler's
+    precision rules are compared on identical bf16 logits."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x):
+        positions = torch.arange(x.shape[1])[None, :].expand_as(x)
+        return (self.model(x, positions, _Full()),)
+
+
+# bf16 confidences tie often; these cases (found by search) are ones where breaking ties by position instead of as
+# the authors' torch.topk does gives another canvas, so they check both the precision rules and the tie-breaking.
+BF16_CASES = [("llada", "fixture", 8, 14, 24, 8), ("llada", "fixture", 2, 5, 32, 32),
+              ("llada", "zoo", 2, 14, 32, 16), ("llada", "zoo", 8, 14, 32, 32),
+              ("dream", "fixture", 8, 9, 32, 32), ("dream", "fixture", 2, 14, 32, 32)]
+
+
+@pytest.mark.parametrize("family,weights,mu,plen,gen,block", BF16_CASES)
+def test_bfloat16_precision_and_ties_match(tiny_llada, tiny_dream, family, weights, mu, plen, gen, block):
+    """In bf16 the authors' confidences are bf16 (LLaDA: softmax in the logits' dtype; Dream: a float32 softmax cast
+    back), tau is compared in bf16 and torch.topk breaks the many ties: the same canvas, forward count and re-masks
+    on the same bf16 logits."""
+    from dllm import LLM
+    path = {"llada": tiny_llada, "dream": tiny_dream}[family] if weights == "fixture" else f"tiny-{family}"
+    llm = LLM(str(path), strategy="saber", device="cpu", dtype="bfloat16", strategy_options={"mu": mu})
+    fwd = _RuntimeForward(llm.loaded.model)
+    p = torch.randint(0, 200, (plen,), generator=torch.Generator().manual_seed(plen)).tolist()
+    mask = llm.spec.mask_id
+    if family == "dream":
+        want, forwards, remasked = saber_dream(fwd, torch.tensor([p]), gen_length=gen, mask_id=mask, mu=mu)
+    else:
+        want, forwards, remasked = saber_llada(fwd, torch.tensor([p]), mu=mu, gen_length=gen, block_length=block,
+                                               mask_id=mask)
+    out = llm.generate([p], SamplingParams(max_tokens=gen, block_length=block, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == want[0, plen:].tolist()
+    assert (out.metrics.nfe, out.metrics.num_remasked) == (forwards, remasked)
