@@ -7,6 +7,7 @@ from dllm.decoding.guided import GuidedStrategy
 from dllm.decoding.learn2pd import Learn2PDStrategy
 from dllm.decoding.llada import LLaDAReference
 from dllm.decoding.s2d2 import S2D2Strategy
+from dllm.decoding.saber import SaberDream, SaberLLaDA
 from dllm.decoding.sdar import SDARReference
 from dllm.decoding.threshold import ThresholdStrategy
 from dllm.errors import InvalidParameterError
@@ -18,6 +19,7 @@ STRATEGIES = {
     "guided": GuidedStrategy,
     "s2d2": S2D2Strategy,
     "learn2pd": Learn2PDStrategy,
+    "saber": {"llada": SaberLLaDA, "dream": SaberDream},
 }
 
 

@@ -51,7 +51,9 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
                         "(--factor); guided = FlashDLM's guided diffusion (needs --strategy-option guide=MODEL); s2d2 = S2D2 "
                         "self-speculation on SDAR (e.g. --strategy-option preset=config-a; README: S2D2); learn2pd = "
                         "Learn2PD's learned commit filter with end-of-text prediction (--strategy-option filter=PATH "
-                        "from `dllm train-filter`; tiny-llada and tiny-dream ship one). "
+                        "from `dllm train-filter`; tiny-llada and tiny-dream ship one); saber = Saber, "
+                        "adaptive commits with backtracking remasking (LLaDA, Dream; cache none; --strategy-option "
+                        "mu=2|8, n=2). "
                         f"Default: auto = the fastest setting within 1 point of reference on the zoo ({describe()}; "
                         "BENCHMARKS.md); --strategy reference gives the published sampler")
     g.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",

@@ -9,7 +9,7 @@ NAME is `strategy`, `cache`, `batch-size` or any `SamplingParams` field (`thresh
 `max-tokens`, `temperature`, ...), with `-` or `_`, singular or plural. The settings are the Cartesian product of
 the axes, on top of the fixed options. A sampling option (swept or fixed) only reaches the strategies that read
 it: `thresholds=0.7,0.9` gives the threshold strategy two settings and the reference strategy one, without a
-threshold. Combinations the runtime refuses (a cache the model's attention cannot use, `block_length` not
+threshold. Likewise a `--strategy-option` only reaches the strategies that have it (saber's `mu`). Combinations the runtime refuses (a cache the model's attention cannot use, `block_length` not
 dividing `max_tokens`, ...) are skipped and listed with the runtime's reason. The baseline row is the
 reference strategy without a cache (the first value of every other axis); it is added when the grid lacks it,
 and `speedup` = a row's throughput / the baseline's.
@@ -122,7 +122,18 @@ def _setting(base: EvalConfig, values: dict, family: str) -> EvalConfig:
     strategy = engine.get("strategy", base.strategy)
     sampling = {**base.sampling, **{k: v for k, v in values.items() if k in SAMPLING_AXES}}
     sampling = {k: v for k, v in sampling.items() if reads(strategy, family, k)}
-    return dataclasses.replace(base, **engine, sampling=sampling)
+    options = {k: v for k, v in (base.strategy_options or {}).items() if takes(strategy, family, k)}
+    return dataclasses.replace(base, **engine, sampling=sampling, strategy_options=options)
+
+
+def takes(strategy: str, family: str, option: str) -> bool:
+    """Whether `strategy` on `family` models has the engine-level option `option` (`--strategy-option`), so that
+    e.g. saber's `mu` reaches saber and not the reference baseline of the same bench."""
+    from dllm.decoding import strategy_class
+    try:
+        return option in strategy_class(strategy, family).engine_options
+    except InvalidParameterError:
+        return True  # no such strategy for this family: keep the option, the runtime refuses the setting
 
 
 def label(config: EvalConfig, axes: dict) -> str:

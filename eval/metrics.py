@@ -15,6 +15,7 @@ The definitions (also in `DEFINITIONS`, copied into every summary and report):
   generation seconds are the slowest engine's sum.
 - NFE: model forwards while the request was in its batch (the engine's count); reported as the mean.
 - tokens per forward (TPF) = total tokens / total NFE.
+- re-masked: committed tokens a remasking strategy (saber) turned back into MASK, per request; the mean.
 - latency: the engine's per-request latency, from the start of its batch's decoding to the moment the
   request's output was final; p50 and p95 by linear interpolation between the closest ranks (numpy's default).
 - wall seconds: the sum over sessions (calls that generated something) of the time from the call's start
@@ -33,6 +34,7 @@ DEFINITIONS = {
     "throughput": "total tokens / generation seconds (sum over batches of the engine call's wall time)",
     "nfe": "mean model forwards per request while it was in its batch",
     "tokens_per_forward": "total tokens / total NFE",
+    "remasked": "mean over requests of committed tokens turned back into MASK (remasking strategies; else 0)",
     "kv_fraction": "mean over requests of the token x layer K/V computations made / those of the same forwards "
                    "without a cache (1.0 without a cache)",
     "latency_p50_s, latency_p95_s": "per-request latency from its batch's start to its final output; "
@@ -95,6 +97,7 @@ def speed_metrics(records: list[dict]) -> dict:
         "nfe": _mean([r["nfe"] for r in records]),
         "tokens": _mean([r["tokens"] for r in records]),
         "tokens_per_forward": tokens / nfe if nfe else None,
+        "remasked": _mean([r.get("remasked", 0) for r in records]),
         "kv_fraction": _mean([r["kv_fraction"] for r in records if r.get("kv_fraction") is not None]),
         "latency_p50_s": percentile(latencies, 50),
         "latency_p95_s": percentile(latencies, 95),

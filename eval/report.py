@@ -11,11 +11,12 @@ from pathlib import Path
 RUN_COLUMNS = {
     "accuracy": "accuracy", "tokens_per_second": "tokens/s (per request, mean)", "throughput": "throughput (tokens/s)",
     "nfe": "NFE (mean)", "tokens": "tokens (mean)", "tokens_per_forward": "tokens per forward",
-    "kv_fraction": "K/V computed vs no cache", "latency_p50_s": "latency p50 (s)", "latency_p95_s": "latency p95 (s)", "generation_seconds": "generation (s)",
+    "remasked": "re-masked (mean)", "kv_fraction": "K/V computed vs no cache", "latency_p50_s": "latency p50 (s)", "latency_p95_s": "latency p95 (s)", "generation_seconds": "generation (s)",
     "wall_seconds": "wall (s)", "peak_gpu_memory_gib": "peak GPU memory (GiB)",
 }
 BENCH_COLUMNS = {"speedup": "speed-up", "throughput": "throughput (tok/s)", "tokens_per_second": "tok/s per request",
-                 "nfe": "NFE", "tokens_per_forward": "TPF", "kv_fraction": "K/V vs no cache", "latency_p50_s": "p50 (s)",
+                 "nfe": "NFE", "tokens_per_forward": "TPF", "remasked": "re-masked", "kv_fraction": "K/V vs no cache",
+                 "latency_p50_s": "p50 (s)",
                  "latency_p95_s": "p95 (s)"}
 _FRACTIONS = ("accuracy", "strict_accuracy", "flexible_accuracy")
 

@@ -312,7 +312,7 @@ class _Session:
                 "doc_id": doc.doc_id, "sample": j, **self.store.prompt_fields(out.prompt or ""),
                 "generation": text, "cut_at_stop_string": stopped, **score, "correct": bool(score["correct"]),
                 "tokens": m.num_tokens, "nfe": m.nfe, "seconds": m.latency_s, "finish_reason": out.finish_reason,
-                "kv_computations": m.kv_computations, "kv_fraction": m.kv_fraction,
+                "kv_computations": m.kv_computations, "kv_fraction": m.kv_fraction, "remasked": m.num_remasked,
                 "seed": sample_seed(self.config.seed, doc.doc_id, j), "batch": batch_id, "batch_seconds": seconds,
                 "session": self.id, "session_seconds": time.perf_counter() - self.start,
                 "peak_memory_bytes": memory, "time": time.time()})

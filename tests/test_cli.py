@@ -76,6 +76,8 @@ def test_chat_session(tiny_llada):
     (["--cache", "elastic", "--cache-option", "gamma=high"], "cache option gamma='high' must be a float"),
     (["--cache", "dkv", "--cache-option", "refresh_interval"], "--cache-option 'refresh_interval' is not KEY=VALUE"),
     (["--strategy", "guided"], "strategy 'guided' needs a guide model"),
+    (["--strategy", "saber", "--strategy-option", "mu=0"], "saber option mu=0 must be an integer >= 1"),
+    (["--strategy", "saber", "--cache", "dual"], "cache 'dual' does not compute them: use cache none"),
     (["--device", "cpu:7"], "device 'cpu:7' does not exist: PyTorch has one CPU device ('cpu')"),
     (["--dtype", "int3"], "unknown dtype 'int3'; use one of auto, bfloat16, float16, float32, float64"),
 ])

@@ -149,6 +149,19 @@ def test_completions_at_temperature_0_match_llm_generate(client, offline):
     assert ids.choices[0].token_ids == want[2].token_ids
 
 
+def test_a_request_can_pick_the_remasking_strategy_saber(client, server, tiny_llada):
+    """A request names `strategy: saber` (cache none, the server's); its tokens are the offline ones and its
+    re-masked tokens show in /metrics."""
+    from dllm import LLM
+    want = LLM(str(tiny_llada), strategy="saber", cache="none", device="cpu").generate(
+        ["1, 2, 3,"], SamplingParams(max_tokens=16, block_length=8, temperature=0))[0]
+    before = server.metrics().get("dllm_remasked_tokens_total", 0.0)
+    got = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=16, temperature=0,
+                                    extra_body={"block_length": 8, "strategy": "saber", "return_token_ids": True})
+    assert got.choices[0].token_ids == want.token_ids and want.metrics.num_remasked > 0
+    assert server.metrics()["dllm_remasked_tokens_total"] - before == want.metrics.num_remasked
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_stream_joined_equals_non_stream_for_the_same_seed(client, offline, endpoint):
     kw = dict(model=MODEL, max_tokens=16, temperature=0.9, seed=7, n=2, extra_body={"block_length": 4})

@@ -84,7 +84,7 @@ def test_remasks_are_applied_counted_and_never_streamed_early(strategies, cache)
         assert out.metrics.nfe > len(out.token_ids)          # remasks cost extra forwards
         assert llm.spec.mask_id not in out.token_ids
         streamed = [e for e in events if e.request_id == rid]
-        assert all(e.output is not None or not e.delta_ids for e in streamed)   # nothing before the end
+        assert all(e.output is not None or not e.delta_token_ids for e in streamed)   # nothing before the end
         assert "".join(e.delta_text for e in streamed) == out.text
 
 
@@ -211,3 +211,51 @@ def test_scratch_forward_equals_a_plain_forward(cache, monkeypatch):
         ThresholdStrategy.step = original
     torch.testing.assert_close(captured["scratch"], captured["plain"], rtol=1e-4, atol=1e-4)
     assert all(o.metrics.nfe >= 2 * 2 for o in outs)   # at least one extra forward counted on top of the blocks
+
+
+class RemaskInBlock(Strategy):
+    """Commit the most confident masked position of the block; every other step re-mask the last commit (the block
+    is the span, so text left of the block start is final)."""
+
+    name = "remask-in-block"
+    remasks = True
+    families = ("llada",)
+
+    def max_forwards(self, block_length):
+        return 3 * block_length
+
+    def begin_block(self, masked):
+        super().begin_block(masked)
+        self.last = None
+
+    def step(self, logits, masked, generators, first_only=False):
+        x0 = logits.argmax(-1)
+        conf = chosen_probability(x0, torch.softmax(logits.float(), -1), masked)
+        commit = torch.zeros_like(masked).scatter_(-1, conf.argmax(-1, keepdim=True), True) & masked
+        remask = self.last if self.step_index % 2 == 1 else None
+        self.last = commit.clone()
+        self.step_index += 1
+        return StepEdits(x0, commit, remask)
+
+    def final_limit(self):
+        return [self.block_start] * self.canvas.batch_size
+
+
+def test_streamed_text_never_changes_once_emitted(monkeypatch):
+    """Text left of `final_limit` streams block by block; every emitted prefix is a prefix of the final output."""
+    monkeypatch.setitem(STRATEGIES, RemaskInBlock.name, RemaskInBlock)
+    llm = LLM("tiny-llada", strategy=RemaskInBlock.name, device="cpu", dtype="float32")
+    sp = SamplingParams(max_tokens=16, block_length=4, temperature=0, ignore_eos=True)
+    events = list(llm.stream(PROMPTS, sp))
+    for rid in {e.request_id for e in events}:
+        mine = [e for e in events if e.request_id == rid]
+        out = mine[-1].output
+        assert out is not None and out.metrics.num_remasked > 0
+        emitted, text = [], ""
+        for e in mine:
+            emitted += e.delta_token_ids
+            text += e.delta_text
+            assert out.token_ids[:len(emitted)] == emitted
+            assert out.text.startswith(text)
+        assert sum(1 for e in mine[:-1] if e.delta_token_ids) >= 2     # it did stream before the end
+        assert emitted == out.token_ids and text == out.text

@@ -270,6 +270,7 @@ class EngineClient:
             m.prompt_tokens.inc(len(out.prompt_token_ids))
             m.generation_tokens.inc(out.metrics.num_tokens)
             m.nfe.inc(out.metrics.nfe)
+            m.remasked.inc(out.metrics.num_remasked)
             m.latency.observe(now - item.arrival)
         item.handle._put(event)
 

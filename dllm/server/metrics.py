@@ -105,6 +105,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("dllm_generation_tokens_total",
                                          "Generated tokens (up to and including the first stop token)")
         self.nfe = Counter("dllm_nfe_total", "Model forward calls of finished engine requests, summed per request")
+        self.remasked = Counter("dllm_remasked_tokens_total",
+                                "Committed tokens turned back into MASK by remasking strategies (saber)")
         self.batches = Counter("dllm_batches_total", "Engine batches run")
         self.batch_size = Histogram("dllm_batch_size", "Engine requests decoded together in one batch", BATCH_BUCKETS)
         self.queue_time = Histogram("dllm_request_queue_seconds", "Time from arrival to the start of its batch",
@@ -120,6 +122,6 @@ class ServerMetrics:
 
     def render(self) -> str:
         metrics = (self.http_requests, self.requests_finished, self.prompt_tokens, self.generation_tokens, self.nfe,
-                   self.batches, self.batch_size, self.max_batch, self.queue_time, self.first_text, self.latency,
+                   self.remasked, self.batches, self.batch_size, self.max_batch, self.queue_time, self.first_text, self.latency,
                    self.waiting, self.running)
         return "\n".join(line for m in metrics for line in m.render()) + "\n"
