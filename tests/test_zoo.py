@@ -2,7 +2,9 @@
 its family's reference sampler at one token a step; the training code lowers the loss in a short CPU run.
 
 The bars (arith >= 95%, gsm-lite >= 90%, code-lite >= 80%) were measured on 200 held-out problems a task on a GPU
-(model cards); CI re-checks them on the first 20 of those problems to stay within its time budget."""
+(model cards); CI re-checks them on the first 10 of those problems to stay within its time budget (a one-token-a-step
+reference sampler over 128 tokens is the slowest thing the suite runs: at 20 problems these three tests were over
+half of CI's test time)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ from dllm import LLM, SamplingParams
 from dllm.zoo import MODELS_DIR, ZOO_MODELS
 
 BARS = {"arith": 0.95, "gsm-lite": 0.90, "code-lite": 0.80}
-CI_PROBLEMS = 20
+CI_PROBLEMS = 10
 
 
 @pytest.fixture(autouse=True)
