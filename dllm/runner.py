@@ -157,8 +157,9 @@ class ModelRunner:
             self.pool = None
             self.clear_graphs()
             self.pool = KVPool(self.arch, slots, cols, self.dtype, self.device)
-        if self.rope is None or self.rope[0].shape[0] < self.pool.length:
-            self.rope = self.model.rotary.table(self.pool.length, self.device)
+        need = max(self.pool.length, length)   # a run beside others may outgrow the pool (own storage)
+        if self.rope is None or self.rope[0].shape[0] < need:
+            self.rope = self.model.rotary.table(need, self.device)
 
     def kv_buffers(self, rows: int, length: int) -> KVBuffers:
         """K/V storage for a run of `rows` rows over `length` columns (after `prepare`): a view of free pool slots

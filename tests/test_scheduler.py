@@ -114,3 +114,18 @@ def test_bad_requests_are_refused_when_added(tiny_llada):
     with pytest.raises(InvalidParameterError, match="already queued"):
         llm.add_request([5, 6], SamplingParams(**SHORT), request_id="mine")
     assert set(_drain(llm)) == {rid}
+
+
+def test_a_cohort_longer_than_the_pool_gets_its_own_storage(tiny_llada):
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=4)
+    short = SamplingParams(**SHORT)
+    long_params = SamplingParams(max_tokens=320, block_length=32, steps=320, ignore_eos=True, seed=3)
+    a = llm.add_request([5, 6, 7], short)
+    llm.step()                                         # the pool is sized for this short canvas
+    b = llm.add_request([8, 9, 10] * 40, long_params)  # a longer canvas than the pool holds, while it is in use
+    llm.step()
+    runner = llm.engine.runner
+    assert not runner.pool.owns(llm.scheduler.cohorts[-1].run.cache.buffers)
+    outputs = _drain(llm)
+    assert outputs[b].outputs[0].token_ids == llm.generate([[8, 9, 10] * 40], long_params)[0].outputs[0].token_ids
+    assert outputs[a].outputs[0].token_ids == llm.generate([[5, 6, 7]], short)[0].outputs[0].token_ids
