@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import secrets
 import select
@@ -60,7 +61,10 @@ from pathlib import Path
 
 from dllm.errors import InvalidParameterError
 
+logger = logging.getLogger(__name__)
+
 STDERR_TAIL_CHARS = 2000
+SANDBOX_DIR = "/tmp/sandbox"  # the program's working directory inside bwrap
 _PRELUDE = Path(__file__).with_name("sandbox_prelude.py")
 _ENV = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
 _NAMESPACE_FLAGS = ("--user", "--net", "--pid", "--fork", "--kill-child")
@@ -121,9 +125,62 @@ def _namespace_prefix() -> tuple[str, ...]:
     return prefix if probe.returncode == 0 else ()
 
 
+@functools.cache
+def _bwrap() -> str | None:
+    """The path of a working `bwrap` (bubblewrap), or None (not installed, or user namespaces refused here);
+    without it the sandbox falls back to the layers below, with a one-line warning."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is not None:
+        with tempfile.TemporaryDirectory(prefix="dllm-sandbox-") as probe_dir:
+            try:
+                probe = subprocess.run([*_bwrap_prefix(bwrap, probe_dir), sys.executable, "-I", "-c", "pass"],
+                                       env=_ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+                if probe.returncode == 0:
+                    return bwrap
+                reason = probe.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
+                reason = f"bwrap does not work here ({reason[0]})"
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                reason = f"bwrap does not work here ({exc})"
+    else:
+        reason = "bwrap (bubblewrap) is not installed"
+    logger.warning("sandbox: %s; untrusted programs run with the weaker fallback layers (%s): install "
+                   "bubblewrap (apt-get install bubblewrap) before running untrusted code", reason,
+                   "namespaces" if _namespace_prefix() else "process")
+    return None
+
+
+def _bwrap_prefix(bwrap: str, workdir: str) -> list[str]:
+    """bwrap's command line: the host's root read-only, a fresh /dev (read-only) and /proc (of the new pid
+    namespace, not the host's), an empty read-only /tmp holding the program's directory `workdir` at
+    SANDBOX_DIR (the only writable path), fresh user, pid, network, IPC and UTS namespaces, an unprivileged uid,
+    no environment, a new session, and death with the harness."""
+    keep = []  # the interpreter and this package, when they live under /tmp (which the sandbox hides)
+    for path in {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), str(_PRELUDE.parent)}:
+        real = os.path.realpath(path)
+        if real == "/tmp" or real.startswith("/tmp/"):
+            keep += ["--ro-bind", real, real]
+    env = [arg for name, value in _ENV.items() for arg in ("--setenv", name, value)]
+    return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc",
+            "--tmpfs", "/tmp", *keep, "--bind", workdir, SANDBOX_DIR, "--remount-ro", "/tmp", "--chdir", SANDBOX_DIR,
+            "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--hostname", "sandbox", "--uid", "65534", "--gid", "65534", "--die-with-parent", "--new-session",
+            "--clearenv", *env, "--"]
+
+
 def isolation() -> str:
-    """"namespaces" when programs run in their own user, network and pid namespaces, else "process"."""
+    """The outermost layer active here: "bwrap" (bubblewrap: read-only root, private temp directory, fresh
+    user/pid/net/ipc/uts namespaces), "namespaces" (`unshare`: user, network and pid namespaces) or "process"
+    (a process group, rlimits and the audit hook only)."""
+    if _bwrap():
+        return "bwrap"
     return "namespaces" if _namespace_prefix() else "process"
+
+
+def _command(workdir: str) -> list[str]:
+    bwrap = _bwrap()
+    if bwrap:
+        return [*_bwrap_prefix(bwrap, workdir), sys.executable, "-I", "-B", str(_PRELUDE)]
+    return [*_namespace_prefix(), sys.executable, "-I", "-B", str(_PRELUDE)]
 
 
 def _tail(f, num_bytes: int) -> bytes:
@@ -174,22 +231,29 @@ def _status(returncode: int, completed: bool) -> tuple[str, int]:
     return ("passed" if returncode == 0 and completed else "failed"), returncode
 
 
+def _start(workdir: str, config: dict, out, err, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """The prelude in `workdir` under the active layers, its configuration written to its stdin."""
+    proc = subprocess.Popen(_command(workdir), cwd=workdir, env=_ENV, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                            start_new_session=True, pass_fds=pass_fds)
+    try:
+        proc.stdin.write((json.dumps(config) + "\n").encode())
+        proc.stdin.close()
+    except BrokenPipeError:         # it died before reading its configuration; the exit status says why
+        pass
+    return proc
+
+
 def run_sandboxed(program: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run `program` in a sandbox under `limits`; see the module docstring. Thread-safe."""
+    """Run `program` in a sandbox under `limits`; see the module docstring. Thread-safe.
+
+    "passed" here means the program ran to its end: a guard against early exits, not against a program that
+    forges the end marker (it lives in the program's own process). Scoring uses `run_checked`."""
     nonce = secrets.token_hex(16)
-    config = json.dumps({"nonce": nonce, "limits": limits.for_prelude()}) + "\n"
-    command = [*_namespace_prefix(), sys.executable, "-I", "-B", str(_PRELUDE)]
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dllm-sandbox-", ignore_cleanup_errors=True) as workdir, \
             tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         Path(workdir, "program.py").write_text(program, encoding="utf-8")
-        proc = subprocess.Popen(command, cwd=workdir, env=_ENV, stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                start_new_session=True)
-        try:
-            proc.stdin.write(config.encode())
-            proc.stdin.close()
-        except BrokenPipeError:         # it died before reading its configuration; the exit status says why
-            pass
+        proc = _start(workdir, {"mode": "program", "nonce": nonce, "limits": limits.for_prelude()}, out, err)
         timed_out = _wait(proc, limits.timeout_s)
         seconds = time.monotonic() - start
         completed = _tail(out, 64).endswith(f"\n{nonce}\n".encode())
@@ -197,6 +261,43 @@ def run_sandboxed(program: str, limits: SandboxLimits = SandboxLimits()) -> Sand
     if timed_out:
         return SandboxResult("timeout", None, seconds, stderr_tail)
     status, returncode = _status(proc.returncode, completed)
+    return SandboxResult(status, returncode, seconds, stderr_tail)
+
+
+def run_checked(solution: str, checker: str, entry_point: str,
+                limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """Score `solution` (untrusted: it defines `entry_point`) against `checker` (trusted test code that defines
+    `check(candidate)`) in two sandboxes that cannot reach each other; see "Scoring" in the module docstring.
+    "passed" is decided by the checker's process alone: its `check` returned. Thread-safe."""
+    start = time.monotonic()
+    ask_r, ask_w = os.pipe()        # checker -> solution: the arguments of each call
+    reply_r, reply_w = os.pipe()    # solution -> checker: each result, as a Python literal
+    fds = {"solution": (ask_r, reply_w), "checker": (reply_r, ask_w)}  # (read, write) ends
+    procs = {}
+    with tempfile.TemporaryDirectory(prefix="dllm-sandbox-", ignore_cleanup_errors=True) as solution_dir, \
+            tempfile.TemporaryDirectory(prefix="dllm-sandbox-", ignore_cleanup_errors=True) as checker_dir, \
+            tempfile.TemporaryFile() as sol_out, tempfile.TemporaryFile() as sol_err, \
+            tempfile.TemporaryFile() as chk_out, tempfile.TemporaryFile() as chk_err:
+        try:
+            for role, workdir, code, out, err in (("solution", solution_dir, solution, sol_out, sol_err),
+                                                  ("checker", checker_dir, checker, chk_out, chk_err)):
+                Path(workdir, "program.py").write_text(code, encoding="utf-8")
+                read_fd, write_fd = fds[role]
+                config = {"mode": role, "entry_point": entry_point, "limits": limits.for_prelude(),
+                          "read_fd": read_fd, "write_fd": write_fd}
+                procs[role] = _start(workdir, config, out, err, pass_fds=(read_fd, write_fd))
+        finally:
+            for fd in (ask_r, ask_w, reply_r, reply_w):
+                os.close(fd)
+        checker_proc = procs["checker"]
+        timed_out = _wait(checker_proc, limits.timeout_s)
+        _wait(procs["solution"], 0.0)  # every call was answered (or never will be): its work is over
+        seconds = time.monotonic() - start
+        tails = [_tail(f, 4 * STDERR_TAIL_CHARS).decode("utf-8", "replace") for f in (sol_err, chk_err)]
+        stderr_tail = "".join(t for t in tails if t)[-STDERR_TAIL_CHARS:]
+    if timed_out:
+        return SandboxResult("timeout", None, seconds, stderr_tail)
+    status, returncode = _status(checker_proc.returncode, True)
     return SandboxResult(status, returncode, seconds, stderr_tail)
 
 
