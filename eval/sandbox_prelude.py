@@ -53,7 +53,7 @@ import traceback
 _REFUSED_EVENTS = frozenset({
     "socket.__new__", "socket.sethostname", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
     "os.system", "os.startfile", "subprocess.Popen", "pty.spawn", "ctypes.dlsym", "ctypes.dlsym/handle",
-    "resource.setrlimit", "resource.prlimit", "os.killpg", "os.chroot", "os.mkfifo", "os.mknod",
+    "resource.setrlimit", "resource.prlimit", "os.killpg", "os.chroot",
 })
 # Mutating events: (positions of path arguments, which must lie inside the working directory; positions of
 # `dir_fd` arguments, which must be unset (-1 or None), since a path relative to a descriptor cannot be checked).
@@ -83,21 +83,26 @@ def _is_write(mode, flags) -> bool:
     return isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
 
 
-def _foreign_proc(path) -> bool:
+def _foreign_proc(path, own: frozenset) -> bool:
     """True for /proc/<pid>/... of another process (its environ, cmdline, memory), however the path is spelt
-    (/proc/self/root/proc/<pid>/environ resolves to /proc/<pid>/environ)."""
+    (/proc/self/root/proc/<pid>/environ resolves to /proc/<pid>/environ). `own`: this process's pid as
+    /proc names it (the host's pid where /proc is the host's and the process is in a pid namespace)."""
     parts = os.path.realpath(os.path.abspath(os.fsdecode(os.fspath(path)))).split(os.sep)
-    return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != str(os.getpid())
+    return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] not in own
 
 
 def make_guard(root: str):
     """The audit hook for a program confined to the directory `root` (see the module docstring)."""
     own_pid = os.getpid()
+    try:
+        own = frozenset({str(own_pid), os.readlink("/proc/self")})
+    except OSError:
+        own = frozenset({str(own_pid)})
 
     def guard(event: str, args: tuple) -> None:
         if event in _REFUSED_EVENTS:
             _refuse(event)
-        if event == "import" and args[0] == "_posixsubprocess":
+        if event == "import" and str(args[0]).rpartition(".")[2] == "_posixsubprocess":  # also as "x._posixsubprocess"
             _refuse("import _posixsubprocess")
         if event == "ctypes.dlopen" and args[0] is not None:    # `import ctypes` itself opens the main program
             _refuse(event)
@@ -108,7 +113,7 @@ def make_guard(root: str):
             outside = not _inside(path, root)
             if outside and (_is_write(mode, flags) or os.path.isdir(path)):
                 _refuse(f"opening {os.fsdecode(path)!r} for writing (or as a directory) outside the sandbox")
-            if _foreign_proc(path):
+            if _foreign_proc(path, own):
                 _refuse(f"reading {os.fsdecode(path)!r}")
         if event == "sqlite3.connect" and isinstance(args[0], (str, bytes, os.PathLike)):
             database = os.fsdecode(os.fspath(args[0]))
@@ -345,6 +350,7 @@ def run_program(config: dict) -> None:
 
 def main() -> None:
     config = json.loads(sys.stdin.readline())
+    os.environ.pop("PWD", None)  # bwrap sets it; the environment is PATH, LANG and PYTHONHASHSEED only
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
