@@ -1,10 +1,10 @@
-"""Running untrusted, model-generated Python: one sandboxed process per program.
+"""Running untrusted, model-generated Python: one sandboxed process per program (two for scoring).
 
 `run_sandboxed(program, limits)` writes `program` to `program.py` in a fresh temporary directory (deleted
 afterwards) and runs it there through `sandbox_prelude.py` (`python -I -B`: no user site, no `PYTHON*`
 variables, no bytecode files). It returns a `SandboxResult` whose status is
 
-- "passed": the program ran to its end (the prelude printed the run's secret nonce after it) and exited 0;
+- "passed": the program ran to its end (the prelude printed the run's nonce after it) and exited 0;
 - "failed": an exception, a failed assert, a non-zero exit, or an early exit (`sys.exit(0)`, `os._exit(0)`)
   before the end. Python turns two of the limits into exceptions, so they are "failed" too: the memory
   limit raises `MemoryError`, the file-size limit `OSError` (EFBIG; Python ignores SIGXFSZ);
@@ -12,34 +12,43 @@ variables, no bytecode files). It returns a `SandboxResult` whose status is
 - "killed": ended by a signal (the CPU limit: SIGXCPU, then SIGKILL; the kernel's OOM killer; a crash; the
   program signalling itself). A program that exits with a status above 128 is reported as "killed" too.
 
+The nonce guards against early exits, not against a program that reads it from its own process.
+
+Scoring: `run_checked(solution, checker, entry_point, limits)` runs the untrusted solution (HumanEval's prompt
+and completion) and the trusted checker (the prompt's helpers and the test's `check`) in two sandboxes joined
+only by two pipes. The checker's `candidate` sends each call's arguments to the solution and parses the reply
+with `ast.literal_eval`, so `check`'s asserts see plain built-in values only (a permissive `__eq__` never
+reaches them); "passed" is the checker's exit status 0 after `check` returned. There is no nonce to forge, and
+the solution cannot reach the checker: under bwrap it lives in another pid namespace; in the fallback the
+seccomp filter refuses signals, pidfds, ptrace and process_vm_* towards it.
+
 `run_many(programs, limits, workers)` runs a list of programs on a thread pool, each in its own process.
 
 Layers, from the outside in:
-1. Process: a new session and process group (killed as a whole at the timeout and after every run), an
-   environment of PATH, LANG and PYTHONHASHSEED only (no inherited variables or secrets), stdin at EOF,
-   stdout and stderr in files of which only the tail is read, a fresh working directory.
-2. Namespaces, when `unshare --user --net --pid --fork` works here (probed once: as root, or where the
-   kernel allows unprivileged user namespaces; containers often filter it): no network at all (an empty
-   network namespace), no capabilities outside the namespace, and a pid namespace, so host processes
-   cannot be signalled and every process of the sandbox dies with it. `isolation()` says whether this
-   layer is active.
-3. The supervisor (see `sandbox_prelude.py`): the program's parent process is a trusted process inside
-   the sandbox, so `os.kill(os.getppid(), ...)` could at worst reach the supervisor (in a pid namespace,
-   pid 1, which the kernel protects), never the harness; the audit hook refuses it before that.
+1. bwrap (bubblewrap), when installed and working (probed once; otherwise one warning line and the layers
+   below): the host's root read-only, fresh read-only /dev, a /proc of the sandbox's own pid namespace, an
+   empty read-only /tmp holding the program's directory at /tmp/sandbox (the only writable path), fresh
+   user, pid, network, IPC and UTS namespaces, uid 65534, a cleared environment, a new session, and
+   `--die-with-parent`: when the harness kills it, every process of the sandbox dies.
+2. Without bwrap, namespaces when `unshare --user --net --pid --fork` works here (probed once): no network,
+   no capabilities outside, a pid namespace.
+3. Process: a new session and process group (killed as a whole at the timeout and after every run), an
+   environment of PATH, LANG and PYTHONHASHSEED only, stdin at EOF, stdout and stderr in files of which only
+   the tail is read, a fresh working directory, and a supervisor process between the harness and the program.
 4. Resource limits set in the program's process before any of its code runs: RLIMIT_AS (memory),
    RLIMIT_CPU (`cpu_s`, default the timeout + 1 s), RLIMIT_FSIZE (also bounds stdout/stderr),
    RLIMIT_NPROC and RLIMIT_CORE = 0. They are set by the prelude rather than in a `preexec_fn`, because
    `preexec_fn` is not safe in a process with threads and the runner calls us from a thread pool.
-   The kernel does not apply RLIMIT_NPROC to root (uid 0), and it counts every process of the user, not
-   just the sandbox's; the audit hook below is what stops a fork bomb in every case.
-5. An audit hook in the program's process (`sandbox_prelude.make_guard`): no writes outside the working
-   directory, no sockets, no process creation, no loading libraries through ctypes, no raising limits,
-   no signals to other processes, no reading other processes' /proc entries.
+5. A seccomp filter (x86-64, arm64): no process creation but threads, no exec, no signals to other
+   processes, no pidfds, ptrace or process_vm_*, no FIFOs or device nodes. Kernel-enforced in every tier.
+6. An audit hook (`sandbox_prelude.make_guard`): no writes outside the working directory, no sockets, no
+   process creation, no loading libraries through ctypes, no sqlite files outside, no raising limits, no
+   signals to other processes, no reading other processes' /proc entries. Not a security boundary.
 
+`isolation()` names the outermost active layer: "bwrap", "namespaces" or "process".
 Platform: Linux (other systems are not supported); waiting uses a pidfd (Linux >= 5.3), else polling.
-Not guaranteed: reading files the user can read (outside /proc/<pid>) is allowed; a program that gets
-around the audit hook (CPython does not treat audit hooks as a security boundary) is held only by layers
-1-4, and without namespaces (layer 2) such a program could reach the network or the harness's processes.
+Not guaranteed: reading files the user can read (outside /tmp under bwrap); in the fallback tiers, file-system
+confinement and other processes' /proc entries are protected by the audit hook alone (see README, "The sandbox").
 """
 from __future__ import annotations
 

@@ -173,3 +173,17 @@ def test_hostile_completions_fail_and_leave_nothing_behind(layer, tmp_path, monk
     assert results["always_equal_object"].status == "failed"
     assert "not a plain built-in value" in results["always_equal_object"].stderr_tail
     print(f"\n{len(programs)} hostile programs under {layer}: {wall:.1f} s")
+
+
+def test_the_eval_summary_records_the_isolation_layer(layer, tmp_path):
+    from types import SimpleNamespace
+
+    from dllm.eval import runner
+    from dllm.eval.humaneval import HumanEvalTask
+
+    config = SimpleNamespace(setting=lambda: {"task": "humaneval"})
+    task = SimpleNamespace(uses_sandbox=HumanEvalTask.uses_sandbox, aggregate=lambda records: {},
+                           primary_metric="pass@1")
+    store = SimpleNamespace(records=[])
+    summary = runner._summary(config, task, store, [], {"device": "cpu"}, None, tmp_path)
+    assert summary.environment == {"device": "cpu", "sandbox": "bwrap" if layer == "bwrap" else "process"}
