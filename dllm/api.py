@@ -128,7 +128,13 @@ class LLM:
             for key in ("role", "content"):
                 if isinstance(m[key], str):
                     check_unicode(f"messages {key}", m[key])
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template's own raise_exception(...) (roles out of order, ...): bad input
+            if type(exc).__module__.split(".")[0] != "jinja2":
+                raise
+            raise InvalidParameterError(f"the checkpoint's chat template refused these messages: "
+                                        f"{str(exc)[:200]!r}") from None
 
     def _chat_prompts(self, messages) -> list[dict]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]

@@ -187,3 +187,18 @@ def test_the_eval_summary_records_the_isolation_layer(layer, tmp_path):
     store = SimpleNamespace(records=[])
     summary = runner._summary(config, task, store, [], {"device": "cpu"}, None, tmp_path)
     assert summary.environment == {"device": "cpu", "sandbox": "bwrap" if layer == "bwrap" else "process"}
+
+
+def test_without_bwrap_the_fallback_is_announced_in_one_line(monkeypatch, caplog):
+    real_which = sandbox.shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "bwrap" else real_which(name))
+    sandbox._bwrap.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="dllm.eval.sandbox"):
+            assert sandbox._bwrap() is None and sandbox.isolation() in ("namespaces", "process")
+            sandbox.isolation()
+        lines = [r.getMessage() for r in caplog.records if r.name == "dllm.eval.sandbox"]
+        assert len(lines) == 1 and "\n" not in lines[0] and "install bubblewrap" in lines[0], lines
+        assert run_checked(*split_program(PROBLEM, PROBLEM["canonical_solution"]), "add", LIMITS).passed
+    finally:
+        sandbox._bwrap.cache_clear()

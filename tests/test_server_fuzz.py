@@ -359,6 +359,7 @@ def test_sigterm_past_the_shutdown_timeout_answers_503_and_ends_streams_then_exi
         for t in threads:
             t.join(timeout=60)
         assert srv.proc.wait(timeout=30) == 0
+        print(f"\nexited {time.monotonic() - start:.1f} s after SIGTERM")
         assert time.monotonic() - start < 15
         plain_r = results["plain"]
         assert plain_r.status_code == 503, plain_r.text
@@ -369,3 +370,14 @@ def test_sigterm_past_the_shutdown_timeout_answers_503_and_ends_streams_then_exi
         assert json.loads(lines[-2][6:])["error"]["code"] == "server_shutting_down", lines[-3:]
     finally:
         srv.stop()
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(srv, llm, monkeypatch):
+    import jinja2
+
+    def refuse(*args, **kwargs):
+        raise jinja2.TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(llm.tokenizer, "apply_chat_template", refuse)
+    r = post(srv, "/v1/chat/completions", BASE["/v1/chat/completions"])
+    assert "roles must alternate" in assert_openai_error(r, 400, "messages")["message"]
