@@ -116,21 +116,15 @@ class SamplingParams:
         _check_float("cfg_scale", self.cfg_scale, low=0.0, high=MAX_CFG_SCALE)
         _check_int("top_k", self.top_k, minimum=0)
         if self.top_p is not None:
-            _check_float("top_p", self.top_p, low=0.0, high=1.0)
-            if not 0.0 < self.top_p <= 1.0:
-                raise InvalidParameterError(f"top_p must be in (0, 1], got {self.top_p}")
+            _check_float("top_p", self.top_p, low=0.0, high=1.0, open_low=True)
         for name, allowed in (("remasking", REMASKING), ("alg", DREAM_ALGS)):
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise InvalidParameterError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.threshold is not None:
-            _check_float("threshold", self.threshold, low=0.0, high=1.0)
-            if not 0.0 < self.threshold <= 1.0:
-                raise InvalidParameterError(f"threshold must be in (0, 1], got {self.threshold}")
+            _check_float("threshold", self.threshold, low=0.0, high=1.0, open_low=True)
         if self.factor is not None:
-            _check_float("factor", self.factor, low=0.0, high=MAX_FACTOR)
-            if self.factor <= 0:
-                raise InvalidParameterError(f"factor must be > 0, got {self.factor}")
+            _check_float("factor", self.factor, low=0.0, high=MAX_FACTOR, open_low=True)
         _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         for name in ("logits_eos_inf", "confidence_eos_eot_inf", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -170,6 +164,9 @@ class SamplingParams:
         filled = {name: defaults.get(name) for name in _FROM_CHECKPOINT if getattr(self, name) is None}
         if filled.get("temperature") is None and self.temperature is None:
             filled["temperature"] = 0.0
+        for name in ("temperature", "alg_temp"):  # a checkpoint's tiny temperature: vLLM's clamp, not an error
+            if isinstance(filled.get(name), (int, float)) and 0 < filled[name] < MIN_TEMPERATURE:
+                filled[name] = MIN_TEMPERATURE
         return dataclasses.replace(self, max_tokens=max_tokens, block_length=block, steps=steps, **filled)
 
     def batch_key(self) -> tuple:
@@ -195,14 +192,15 @@ def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> No
         raise InvalidParameterError(f"{name} must be <= {maximum}, got {_short(value)}")
 
 
-def _check_float(name: str, value, low: float, high: float) -> None:
-    """A finite number (int or float, not bool) in [low, high]."""
+def _check_float(name: str, value, low: float, high: float, open_low: bool = False) -> None:
+    """A finite number (int or float, not bool) in [low, high], or (low, high] with `open_low`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidParameterError(f"{name} must be a number, got {_short(value)}")
     if not math.isfinite(value):
         raise InvalidParameterError(f"{name} must be a finite number, got {value}")
-    if not low <= value <= high:
-        raise InvalidParameterError(f"{name} must be in [{low:g}, {high:g}], got {_short(value)}")
+    if not (low < value if open_low else low <= value) or value > high:
+        raise InvalidParameterError(f"{name} must be in {'(' if open_low else '['}{low:g}, {high:g}], "
+                                    f"got {_short(value)}")
 
 
 def _check_temperature(name: str, value) -> None:
