@@ -74,7 +74,7 @@ def run_serve(args: argparse.Namespace) -> None:
     # uvicorn's own graceful timeout is a backstop: the engine client answers everything 503 at --shutdown-timeout
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + _SHUTDOWN_GRACE_S)
-    _DrainingServer(config, client, args.shutdown_timeout).run()
+    _draining_server(config, client, args.shutdown_timeout).run()
 
 
 _SHUTDOWN_GRACE_S = 5.0
@@ -103,7 +103,7 @@ def _draining_server_class():
     return DrainingServer
 
 
-def _DrainingServer(config, client, timeout_s: float):
+def _draining_server(config, client, timeout_s: float):
     return _draining_server_class()(config, client, timeout_s)
 
 
