@@ -33,10 +33,13 @@ NO_HOOK = ("    import sys\n    prelude = sys.modules['__main__']\n    prelude._
 def hostile_programs(outside: str, harness: int) -> dict[str, str]:
     """name -> completion (a function body, or module code after a blank line). `outside`: a directory the
     programs must not write to; `harness`: the pid of this test process."""
-    frames = ("    import sys\n    f = sys._getframe()\n    seen = []\n    while f is not None:\n"
-              "        seen.append(repr(f.f_locals)[:2000])\n        f = f.f_back\n"
-              "    import gc\n    seen += [repr(o)[:200] for o in gc.get_objects() if isinstance(o, (dict, str))][:5000]\n"
-              "    print('\\n'.join(seen))\n    print('passed')\n    import os\n    os._exit(0)\n")
+    frames = ("    import os, sys\n    f = sys._getframe()\n    while f is not None:\n"
+              "        for value in list(f.f_locals.values()):\n"
+              "            found = value.get('nonce') if isinstance(value, dict) else None\n"
+              "            if f.f_locals.get('nonce'):\n                found = f.f_locals['nonce']\n"
+              "            if found:\n                sys.stdout.flush()\n"
+              "                os.write(1, ('\\n' + found + '\\n').encode())\n                os._exit(0)\n"
+              "        f = f.f_back\n    return a - b\n")
     return {
         "wrong_answer": "    return a - b\n",
         "always_equal_object": "    class Yes:\n        def __eq__(self, other):\n            return True\n"
