@@ -161,6 +161,7 @@ VALUE_CASES = [
     ({"block_length": 10**9}, "max_tokens"), ({"top_k": -2}, "top_k"),
     ({"remasking": "nope\nINFO forged"}, "remasking"), ({"strategy": "beam\r\nx"}, "strategy"),
     ({"cache": "\x00"}, "cache"), ({"stop": [""]}, "stop"), ({"logprobs": True}, "logprobs"),
+    ({"stop": [str(i) for i in 100000 * [1]]}, "stop"), ({"stop": "x" * 100000}, "stop"),
 ]
 
 

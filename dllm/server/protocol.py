@@ -22,6 +22,9 @@ from dllm.errors import check_unicode
 from dllm.sampling_params import MAX_SEED, SamplingParams
 from dllm.server.errors import ApiError
 
+MAX_STOP_STRINGS = 16     # OpenAI takes 4
+MAX_STOP_CHARS = 1000
+
 # OpenAI fields dllm cannot honour, with the values that leave them off.
 UNSUPPORTED_FIELDS = {
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
@@ -87,6 +90,9 @@ class DllmOptions(OpenAIModel):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
             raise ApiError("stop strings must be non-empty", param="stop")
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
+                           f"each (they are searched in the text on the server's event loop)", param="stop")
         return stops
 
     def requested_max_tokens(self) -> int | None:
