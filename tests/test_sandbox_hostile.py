@@ -24,7 +24,7 @@ PROBLEM = {
     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
             "    assert candidate(10, 20) == 30\n    assert add(1, 1) == 2\n",
 }
-LIMITS = SandboxLimits(timeout_s=2.0, memory_mb=512)
+LIMITS = SandboxLimits(timeout_s=3.0, memory_mb=512)
 SLEEP_MARK = "6001.25"  # `sleep 6001.25`: how a surviving process is recognised
 NO_HOOK = ("    import sys\n    prelude = sys.modules['__main__']\n    prelude._REFUSED_EVENTS = frozenset()\n"
            "    prelude._refuse = lambda event: None\n")
