@@ -205,3 +205,13 @@ def test_without_bwrap_the_fallback_is_announced_in_one_line(monkeypatch, caplog
         assert run_checked(*split_program(PROBLEM, PROBLEM["canonical_solution"]), "add", LIMITS).passed
     finally:
         sandbox._bwrap.cache_clear()
+
+
+def test_ci_installs_bubblewrap_then_runs_the_readmes_second_command():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    ci = (root / ".ci" / "run").read_text().strip().splitlines()
+    readme = (root / "README.md").read_text()
+    commands = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert ci[-1] == commands[1]
+    assert any("apt-get install" in line and "bubblewrap" in line for line in ci[:-1])
