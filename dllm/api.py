@@ -20,7 +20,7 @@ from dllm.cache import cache_class
 from dllm.decoding import check_strategy_name
 from dllm.defaults import AUTO, resolve_cache, resolve_strategy
 from dllm.engine import Engine, Request
-from dllm.errors import InvalidParameterError
+from dllm.errors import InvalidParameterError, check_unicode
 from dllm.models.loader import load_model
 from dllm.parallel import start_tensor_parallel
 from dllm.runner import ModelRunner
@@ -159,7 +159,17 @@ class LLM:
             raise InvalidParameterError("this checkpoint's tokenizer has no chat template; use generate() with a plain prompt")
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise InvalidParameterError('messages must be a list of {"role": ..., "content": ...} dicts')
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for m in messages:
+            for key in ("role", "content"):
+                if isinstance(m[key], str):
+                    check_unicode(f"messages {key}", m[key])
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template's own raise_exception(...) (roles out of order, ...): bad input
+            if type(exc).__module__.split(".")[0] != "jinja2":
+                raise
+            raise InvalidParameterError(f"the checkpoint's chat template refused these messages: "
+                                        f"{str(exc)[:200]!r}") from None
 
     def _chat_prompts(self, messages) -> list[dict]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
@@ -190,8 +200,11 @@ class LLM:
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidParameterError("this LLM was built with skip_tokenizer_init=True; pass prompts as token ids")
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"a text prompt must be a string, got {type(text).__name__}")
         if not text:  # it would tokenize to BOS alone: an answer to nothing
             raise InvalidParameterError("the prompt is empty; give some text (or token ids)")
+        check_unicode("prompt", text)
         return self.tokenizer.encode(text)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:

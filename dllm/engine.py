@@ -92,6 +92,11 @@ class Engine:
             raise InvalidParameterError(
                 f"prompt of {n} tokens plus max_tokens {request.params.max_tokens} exceeds the model's context of "
                 f"{limit} tokens; shorten the prompt or lower max_tokens")
+        vocab = self.loaded.arch.vocab_size
+        if any(not 0 <= t < vocab for t in request.params.stop_token_ids):
+            raise InvalidParameterError(f"stop_token_ids must be token ids in [0, {vocab}), the model's vocabulary")
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise InvalidParameterError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary")
         if request.params.cfg_scale > 0 and self.spec.attention != "full":
             raise InvalidParameterError("cfg_scale needs a model with full attention; set cfg_scale=0")
         if request.params.cfg_scale > 0 and not cache_class(self.cache_name).supports_cfg:

@@ -20,3 +20,13 @@ class InvalidParameterError(DllmError):
 
 class DatasetUnavailableError(DllmError):
     """An evaluation data set can be loaded neither from a given file nor through an installed package."""
+
+
+def check_unicode(field: str, text: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON can carry but no
+    tokenizer can encode), naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameterError(f"{field} is not valid Unicode: {text[exc.start:exc.end]!r} at character "
+                                    f"{exc.start} is a lone surrogate; send well-formed UTF-8 text") from None

@@ -7,6 +7,7 @@ be checked then (divisibility, context length).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from dllm.errors import InvalidParameterError
@@ -14,6 +15,16 @@ from dllm.errors import InvalidParameterError
 REMASKING = ("low_confidence", "random",                                     # LLaDA
              "sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded")  # SDAR
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+# Bounds every request is held to (the server answers 400 outside them). Floats must also be finite.
+MAX_SEED = 2**63 - 1              # torch.Generator.manual_seed takes a signed 64-bit seed
+MIN_TEMPERATURE = 0.01            # below it, logits / T overflows (vLLM clamps to the same 0.01)
+MAX_TEMPERATURE = 100.0           # far past the point where sampling is uniform
+MAX_CFG_SCALE = 100.0
+MAX_FACTOR = 1e6
+MAX_ENTROPY_BOUND = 1e6
+MAX_STOP_TOKEN_IDS = 1024
+MAX_TOKEN_ID = 2**31 - 1          # the engine checks ids against the model's vocabulary
 
 
 @dataclass
@@ -94,30 +105,34 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("block_length", self.block_length, minimum=1)
         _check_int("steps", self.steps, minimum=1)
-        for name in ("temperature", "alg_temp", "eps", "entropy_bound"):
-            if getattr(self, name) is not None:
-                _check_float(name, getattr(self, name), low=0.0)
-        _check_float("cfg_scale", self.cfg_scale, low=0.0)
+        _check_temperature("temperature", self.temperature)
+        _check_temperature("alg_temp", self.alg_temp)
+        if self.eps is not None:
+            _check_float("eps", self.eps, low=0.0, high=1.0)
+            if self.eps >= 1.0:
+                raise InvalidParameterError(f"eps must be in [0, 1), got {self.eps}")
+        if self.entropy_bound is not None:
+            _check_float("entropy_bound", self.entropy_bound, low=0.0, high=MAX_ENTROPY_BOUND)
+        _check_float("cfg_scale", self.cfg_scale, low=0.0, high=MAX_CFG_SCALE)
         _check_int("top_k", self.top_k, minimum=0)
         if self.top_p is not None:
-            _check_float("top_p", self.top_p, low=0.0)
-            if not 0.0 < self.top_p <= 1.0:
-                raise InvalidParameterError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.remasking is not None and self.remasking not in REMASKING:
-            raise InvalidParameterError(f"remasking must be one of {', '.join(REMASKING)}, not {self.remasking!r}")
-        if self.alg is not None and self.alg not in DREAM_ALGS:
-            raise InvalidParameterError(f"alg must be one of {', '.join(DREAM_ALGS)}, not {self.alg!r}")
+            _check_float("top_p", self.top_p, low=0.0, high=1.0, open_low=True)
+        for name, allowed in (("remasking", REMASKING), ("alg", DREAM_ALGS)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise InvalidParameterError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.threshold is not None:
-            _check_float("threshold", self.threshold, low=0.0)
-            if not 0.0 < self.threshold <= 1.0:
-                raise InvalidParameterError(f"threshold must be in (0, 1], got {self.threshold}")
+            _check_float("threshold", self.threshold, low=0.0, high=1.0, open_low=True)
         if self.factor is not None:
-            _check_float("factor", self.factor, low=0.0)
-            if self.factor <= 0:
-                raise InvalidParameterError(f"factor must be > 0, got {self.factor}")
-        _check_int("seed", self.seed, minimum=0)
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise InvalidParameterError("stop_token_ids must be a list of non-negative integers")
+            _check_float("factor", self.factor, low=0.0, high=MAX_FACTOR, open_low=True)
+        _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        for name in ("logits_eos_inf", "confidence_eos_eot_inf", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameterError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids):
+            raise InvalidParameterError(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids "
+                                        f"(non-negative integers), got {_short(self.stop_token_ids)}")
 
     def resolve(self, defaults: dict, steps_mode: str | None = "total", divisible: bool = True) -> "SamplingParams":
         """A copy with every None filled from `defaults` (the checkpoint's) and the arithmetic checked.
@@ -136,6 +151,12 @@ class SamplingParams:
                 f"choose a block_length that divides it, e.g. {_divisor_near(max_tokens, block)}")
         num_blocks = max_tokens // block
         steps = self.steps or (block if steps_mode == "per_block" else max_tokens)
+        # a step commits at least one token: more steps than positions only burn forwards (and time)
+        most = block if steps_mode == "per_block" else max_tokens
+        if steps_mode is not None and steps > most:
+            per = "block_length" if steps_mode == "per_block" else "max_tokens"
+            raise InvalidParameterError(f"steps {steps} exceeds {per} {most}: a step commits at least one token; "
+                                        f"use steps <= {most}")
         if steps_mode == "total" and steps % num_blocks:
             raise InvalidParameterError(
                 f"steps {steps} is not a multiple of the number of blocks {num_blocks} "
@@ -143,6 +164,9 @@ class SamplingParams:
         filled = {name: defaults.get(name) for name in _FROM_CHECKPOINT if getattr(self, name) is None}
         if filled.get("temperature") is None and self.temperature is None:
             filled["temperature"] = 0.0
+        for name in ("temperature", "alg_temp"):  # a checkpoint's tiny temperature: vLLM's clamp, not an error
+            if isinstance(filled.get(name), (int, float)) and 0 < filled[name] < MIN_TEMPERATURE:
+                filled[name] = MIN_TEMPERATURE
         return dataclasses.replace(self, max_tokens=max_tokens, block_length=block, steps=steps, **filled)
 
     def batch_key(self) -> tuple:
@@ -157,20 +181,40 @@ class SamplingParams:
 _FROM_CHECKPOINT = ("temperature", "top_p", "top_k", "remasking", "alg", "alg_temp", "eps")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameterError(f"{name} must be an integer, got {value!r}")
+        raise InvalidParameterError(f"{name} must be an integer, got {_short(value)}")
     if value < minimum:
         raise InvalidParameterError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidParameterError(f"{name} must be <= {maximum}, got {_short(value)}")
 
 
-def _check_float(name: str, value, low: float) -> None:
+def _check_float(name: str, value, low: float, high: float, open_low: bool = False) -> None:
+    """A finite number (int or float, not bool) in [low, high], or (low, high] with `open_low`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidParameterError(f"{name} must be a number, got {value!r}")
-    if value < low:
-        raise InvalidParameterError(f"{name} must be >= {low}, got {value}")
+        raise InvalidParameterError(f"{name} must be a number, got {_short(value)}")
+    if not math.isfinite(value):
+        raise InvalidParameterError(f"{name} must be a finite number, got {value}")
+    if not (low < value if open_low else low <= value) or value > high:
+        raise InvalidParameterError(f"{name} must be in {'(' if open_low else '['}{low:g}, {high:g}], "
+                                    f"got {_short(value)}")
+
+
+def _check_temperature(name: str, value) -> None:
+    """0 (greedy / off) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]: logits / T overflows for T near 0."""
+    if value is None:
+        return
+    _check_float(name, value, low=0.0, high=MAX_TEMPERATURE)
+    if 0 < value < MIN_TEMPERATURE:
+        raise InvalidParameterError(f"{name} must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _divisor_near(n: int, target: int) -> int:

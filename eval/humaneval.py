@@ -14,7 +14,10 @@ Prompting follows lm-evaluation-harness (EleutherAI/lm-evaluation-harness @ 4e7e
   followed by the block: the block's `def` replaces the prompt's docstring-only stub, while the prompt's
   imports and helper functions (HumanEval/38, /50 and others have some) stay available. Otherwise the
   block is treated as a completion of the prompt, like a base model's.
-The program run is HumanEval's: `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`.
+HumanEval's program is `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"` (`build_program`);
+scoring runs it split in two (`split_program`, `sandbox.run_checked`): the completion's module in one sandbox,
+the test's `check` in another that calls the entry point across a pipe and sees only plain built-in values,
+so that neither a forged success signal nor a result with a permissive `__eq__` can pass.
 `pass_at_k` is the unbiased estimator of Chen et al. (2021), eq. 1, in its numerically stable product form.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from dllm.errors import DatasetUnavailableError
 from dllm.eval.harness_tasks import Doc
-from dllm.eval.sandbox import SandboxLimits, run_sandboxed
+from dllm.eval.sandbox import SandboxLimits, run_checked
 
 BASE_STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 INSTRUCT_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
@@ -112,6 +115,12 @@ def build_program(problem: dict, code: str) -> str:
     return problem["prompt"] + code + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
 
 
+def split_program(problem: dict, code: str) -> tuple[str, str]:
+    """The program of `build_program`, split for `run_checked`: the solution (prompt and completion: untrusted)
+    and the checker (the prompt's helpers and the test: the data set's own code)."""
+    return problem["prompt"] + code + "\n", problem["prompt"] + "\n" + problem["test"] + "\n"
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Chen et al. (2021) eq. 1: 1 - C(n - c, k) / C(n, k), the chance that k of the n samples, c of them
     correct, include a correct one; as the product 1 - prod_{i=n-c+1}^{n} (1 - k / i)."""
@@ -128,6 +137,7 @@ class HumanEvalTask:
     name = "humaneval"
     primary_metric = "pass@1"
     default_chat = False
+    uses_sandbox = True  # the runner records `sandbox.isolation()` in summary.json
 
     def __init__(self, data_file: str | Path | None = None, timeout_s: float = 10.0) -> None:
         self.limits = SandboxLimits(timeout_s=timeout_s)
@@ -147,7 +157,8 @@ class HumanEvalTask:
     def score(self, doc: Doc, completion: str) -> dict:
         """Runs the program in the sandbox; thread-safe. `extracted`: the code that ran after the prompt."""
         code = completion_code(doc.data, completion)
-        result = run_sandboxed(build_program(doc.data, code), self.limits)
+        solution, checker = split_program(doc.data, code)
+        result = run_checked(solution, checker, doc.data["entry_point"], self.limits)
         return {"correct": result.passed, "extracted": code, "timed_out": result.status == "timeout"}
 
     def aggregate(self, records: list[dict]) -> dict:

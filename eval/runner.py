@@ -233,6 +233,9 @@ def _summary(config: EvalConfig, task, store: RunStore, units: list, environment
     skipped = [{"doc_id": r["doc_id"], "sample": r["sample"], "reason": r["reason"]} for r in records if r.get("skipped")]
     task_metrics = task.aggregate(scored) if scored else {}
     measured = {**metrics.summarize(scored, task_metrics), "num_skipped": len(skipped)} if scored else {"num_skipped": len(skipped)}
+    if getattr(task, "uses_sandbox", False):  # which isolation layer held the generated programs
+        from dllm.eval.sandbox import isolation
+        environment = {**environment, "sandbox": isolation()}
     return Summary(config.setting(), environment, measured, task.primary_metric, limit, str(path), skipped=skipped)
 
 

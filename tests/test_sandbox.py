@@ -1,8 +1,8 @@
 """The sandbox for model-generated code (CPU, fast): hostile programs are contained, scored as failures, and
 leave the harness (this test process) and the file system alone, with and without namespaces.
 
-Each behaviour runs in both isolation tiers: "namespaces" (user, network and pid namespaces through
-`unshare`; skipped where the machine does not allow them) and "process" (the same sandbox without them).
+Each behaviour runs in every isolation tier: "bwrap" (bubblewrap; CI installs it), "namespaces" (user, network
+and pid namespaces through `unshare`, bwrap left out) and "process" (the same sandbox without either).
 """
 from __future__ import annotations
 
@@ -19,10 +19,14 @@ from dllm.eval.sandbox import SandboxLimits, run_many, run_sandboxed
 FAST = SandboxLimits(timeout_s=5.0)
 
 
-@pytest.fixture(params=["namespaces", "process"])
+@pytest.fixture(params=["bwrap", "namespaces", "process"])
 def tier(request, monkeypatch):
+    if request.param == "bwrap" and not sandbox._bwrap():
+        pytest.fail("bwrap (bubblewrap) must be installed for the sandbox tests: apt-get install bubblewrap")
     if request.param == "namespaces" and not sandbox._namespace_prefix():
         pytest.skip("unshare --user --net --pid does not work on this machine")
+    if request.param != "bwrap":
+        monkeypatch.setattr(sandbox, "_bwrap", lambda: None)
     if request.param == "process":
         monkeypatch.setattr(sandbox, "_namespace_prefix", lambda: ())
     assert sandbox.isolation() == request.param
@@ -98,7 +102,9 @@ def test_writes_outside_the_working_directory_are_refused(tier, tmp_path):
                 f"import shutil\nshutil.copyfile('/etc/hostname', {str(target)!r})"]
     for program in attempts:
         result = run(program)
-        assert result.status == "failed" and "PermissionError: sandbox" in result.stderr_tail, (program, result)
+        assert result.status == "failed", (program, result)
+        # bwrap: the host's /tmp is not even visible (an empty read-only /tmp); elsewhere the audit hook refuses
+        assert tier == "bwrap" or "PermissionError: sandbox" in result.stderr_tail, (program, result)
     assert not target.exists() and list(tmp_path.iterdir()) == []
     keep = tmp_path / "keep.txt"
     keep.write_text("mine")
@@ -140,9 +146,9 @@ def test_environment_is_minimal_and_secrets_stay_out(tier, monkeypatch):
 def test_network_is_cut(tier):
     result = run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n")
     assert result.status == "failed" and "PermissionError: sandbox: socket" in result.stderr_tail
-    if tier == "namespaces":       # an empty network namespace (only a loopback that is down) and a pid one
+    if tier in ("namespaces", "bwrap"):  # an empty network namespace (only a loopback that is down) and a pid one
         check = ("import os\ndevices = [l.split(':')[0].strip() for l in open('/proc/self/net/dev').readlines()[2:]]\n"
-                 "assert devices == ['lo'], devices\nassert os.getppid() == 1, os.getppid()\n")
+                 f"assert devices == ['lo'], devices\nassert os.getppid() == {1 if tier == 'namespaces' else 2}, os.getppid()\n")
         assert run(check).passed
 
 

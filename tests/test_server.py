@@ -391,7 +391,7 @@ def test_queue_full_is_429_and_shutdown_finishes_in_flight_streams(tiny_llada, t
             lines = [line for line in r.iter_lines() if line]
         data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
         assert lines[-1] == "data: [DONE]" and data[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-        assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
+        assert srv.proc.wait(timeout=60) == 0  # a drained shutdown exits 0 (uvicorn would re-raise the signal)
         assert "Application shutdown complete" in srv.log_path.read_text()
     finally:
         srv.stop()

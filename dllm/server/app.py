@@ -62,7 +62,7 @@ def build_app(client: EngineClient, served_model_names: list[str], api_key: str 
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        max_len = client.llm.spec.max_length
+        max_len = client.max_model_len
         return ModelList(data=[ModelCard(id=name, max_model_len=max_len) for name in served_model_names])
 
     @app.post("/v1/chat/completions")
@@ -148,7 +148,7 @@ def _add_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(ApiError(f"{exc.detail}: {request.method} {request.url.path}", exc.status_code))
+        return error_response(ApiError(f"{exc.detail}: {request.method} {request.url.path!r}", exc.status_code))
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:

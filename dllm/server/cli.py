@@ -30,6 +30,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "(up to --max-batch-size) before decoding starts. Default: 10")
     g.add_argument("--max-queue-size", type=int, default=256,
                    help="most requests (one per choice) waiting for a batch; more are answered 429. Default: 256")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="most tokens of prompt + max_tokens a request may take; longer ones are answered 400. "
+                        "Default: the model's context")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most canvas columns (prompt + max_tokens, doubled with cfg_scale, summed over rows) one batch "
+                        "holds: bounds the memory of a batch; a request over it alone is answered 400. "
+                        "Default: 2 x --max-batch-size x --max-model-len")
     g.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health. Default: $DLLM_API_KEY, "
                         "else no key")
@@ -37,8 +44,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="the model name clients send in 'model' and /v1/models lists (repeat the option for "
                         "aliases). Default: MODEL as given")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before cancelling them. "
-                        "Default: 30")
+                   help="on SIGINT/SIGTERM, seconds to let in-flight requests finish; then each is answered 503 "
+                        "(a stream: an error event, then [DONE]) and the server exits 0. Default: 30")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level. Default: info")
     return p
@@ -57,15 +64,47 @@ def run_serve(args: argparse.Namespace) -> None:
     logging.getLogger("dllm.server").setLevel(args.log_level.upper())
     llm = build_llm(args)
     client = EngineClient(llm, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                          max_queue_size=args.max_queue_size)
+                          max_queue_size=args.max_queue_size, max_model_len=args.max_model_len,
+                          max_num_batched_tokens=args.max_num_batched_tokens)
     names = args.served_model_name or [args.model]
     app = build_app(client, names, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)
     logger.info("serving %s as %s on http://%s:%d/v1 (cache=%s, strategy=%s, max batch %d, max wait %g ms%s)",
                 args.model, ", ".join(names), args.host, args.port, args.cache, args.strategy, args.max_batch_size,
                 args.max_wait_ms, ", API key required" if args.api_key else "")
+    # uvicorn's own graceful timeout is a backstop: the engine client answers everything 503 at --shutdown-timeout
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=args.shutdown_timeout + _SHUTDOWN_GRACE_S)
+    _draining_server(config, client, args.shutdown_timeout).run()
+
+
+_SHUTDOWN_GRACE_S = 5.0
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, whose shutdown first drains the engine client (503s past the timeout) and which
+        exits normally (status 0) after a signal instead of re-raising it."""
+
+        def __init__(self, config, client, timeout_s: float):
+            super().__init__(config)
+            self.client, self.timeout_s = client, timeout_s
+
+        async def shutdown(self, sockets=None) -> None:
+            import asyncio
+            drain = asyncio.ensure_future(self.client.drain(self.timeout_s))
+            await super().shutdown(sockets)
+            clean = await drain
+            logger.info("shutdown %s", "complete: every request finished" if clean else
+                        "complete: requests past the timeout were answered 503")
+            self._captured_signals.clear()  # a handled SIGTERM is a clean exit, not death by signal
+
+    return DrainingServer
+
+
+def _draining_server(config, client, timeout_s: float):
+    return _draining_server_class()(config, client, timeout_s)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -75,5 +114,9 @@ def _check(args: argparse.Namespace) -> None:
         raise DllmError("--max-batch-size and --max-queue-size must be positive")
     if args.max_wait_ms < 0 or args.shutdown_timeout < 0:
         raise DllmError("--max-wait-ms and --shutdown-timeout must be >= 0")
+    for name in ("max_model_len", "max_num_batched_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise DllmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.api_key is not None and not args.api_key.strip():
         raise DllmError("--api-key is empty; give a key or leave the option out")

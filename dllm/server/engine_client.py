@@ -7,17 +7,23 @@
 Scheduling: waiting requests are grouped by batch key (engine cache and strategy + `SamplingParams.batch_key()`:
 requests that can share one canvas). When the worker is free, the group holding the oldest waiting request
 runs next, as soon as it has `max_batch_size` requests or its oldest request has waited `max_wait_ms`; other
-groups wait their turn (queued, never refused, up to `max_queue_size` waiting requests in all).
+groups wait their turn (queued, never refused, up to `max_queue_size` waiting requests in all). A batch also
+holds at most `max_num_batched_tokens` canvas columns (prompt + canvas, twice that with cfg_scale, summed over
+its rows); `check_size` refuses a request that alone is over it, or over `max_model_len`.
 
-Threads: only the worker thread touches the model; it hands each StreamEvent to the loop with
-`loop.call_soon_threadsafe`, so handles, the queue and the metrics are only touched on the loop's thread.
-The engine cannot drop a row mid-batch: a cancelled request keeps decoding in its batch with its events
-discarded, and a batch whose unfinished requests are all cancelled is abandoned at its next step.
+Isolation: a batch that fails (the engine raised) is decoded again one request at a time, so only the faulty
+request fails. Every request carries a seed (serving_common.py gives one to requests without), so the replay
+reproduces what the batch already streamed; those events are skipped and the rest follows.
+
+Shutdown: `drain(timeout_s)` (on SIGTERM/SIGINT) refuses new requests with 503 and lets the queued and running
+ones finish; past `timeout_s` it ends each of them with a 503 `ApiError` (the stream then sends its error event
+and `[DONE]`) and abandons the running batch at its next step.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,13 +97,21 @@ class RequestHandle:
 
 
 class EngineClient:
-    def __init__(self, llm, *, max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue_size: int = 256):
-        for name, value in (("max_batch_size", max_batch_size), ("max_queue_size", max_queue_size)):
-            if not isinstance(value, int) or value < 1:
+    def __init__(self, llm, *, max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue_size: int = 256,
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None):
+        for name, value in (("max_batch_size", max_batch_size), ("max_queue_size", max_queue_size),
+                            ("max_model_len", max_model_len), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise DllmError(f"{name} must be a positive integer, got {value!r}")
         if max_wait_ms < 0:
             raise DllmError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        context = llm.spec.max_length
+        if max_model_len is not None and max_model_len > context:
+            raise DllmError(f"--max-model-len {max_model_len} is over the model's context of {context} tokens; "
+                            f"use at most {context}")
         self.llm = llm
+        self.max_model_len = max_model_len or context
+        self.max_num_batched_tokens = max_num_batched_tokens or max_batch_size * 2 * self.max_model_len
         self.max_batch_size, self.max_wait_s, self.max_queue_size = max_batch_size, max_wait_ms / 1000, max_queue_size
         self.metrics = ServerMetrics(lambda: self.num_waiting, lambda: self.num_running)
         self._engines = {(llm.engine.cache_name, llm.engine.strategy_name): llm.engine}
@@ -107,7 +121,8 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._closing = False
+        self._closing = False   # the worker abandons its batch at the next step
+        self._draining = False  # no new requests
 
     @property
     def num_waiting(self) -> int:
@@ -119,7 +134,26 @@ class EngineClient:
 
     @property
     def is_ready(self) -> bool:
-        return self._task is not None and not self._task.done() and not self._closing
+        return self._task is not None and not self._task.done() and not self._closing and not self._draining
+
+    @staticmethod
+    def columns(request: Request) -> int:
+        """The canvas columns `request` takes in a batch: prompt + canvas, twice with classifier-free guidance."""
+        n = len(request.prompt_token_ids) + request.params.max_tokens
+        return n * (2 if request.params.cfg_scale > 0 else 1)
+
+    def check_size(self, request: Request) -> None:
+        """Refuse (400) a request over --max-model-len or, alone, over --max-num-batched-tokens."""
+        n = len(request.prompt_token_ids) + request.params.max_tokens
+        if n > self.max_model_len:
+            raise ApiError(f"max_tokens {request.params.max_tokens} plus the prompt's {len(request.prompt_token_ids)} "
+                           f"tokens exceeds the server's --max-model-len {self.max_model_len}; lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        if self.columns(request) > self.max_num_batched_tokens:
+            raise ApiError(f"this request takes {self.columns(request)} batch tokens (prompt + max_tokens"
+                           f"{', doubled by cfg_scale' if request.params.cfg_scale > 0 else ''}), more than the "
+                           f"server's --max-num-batched-tokens {self.max_num_batched_tokens}; lower max_tokens",
+                           param="max_tokens")
 
     def engine(self, cache: str | None = None, strategy: str | None = None) -> Engine:
         """The engine for a cache and strategy (the server's own when None); all share the loaded model. The
@@ -142,7 +176,7 @@ class EngineClient:
 
     def submit(self, requests: list[tuple[Engine, Request]]) -> RequestHandle:
         if not self.is_ready:
-            if self._task is not None and self._task.done() and not self._closing:
+            if self._task is not None and self._task.done() and not self._closing and not self._draining:
                 raise ApiError("the engine's batch scheduler stopped after an error (see the server log); restart "
                                "the server", HTTPStatus.SERVICE_UNAVAILABLE, code="engine_stopped")
             raise ServerClosingError()
@@ -161,13 +195,37 @@ class EngineClient:
         self._wakeup.set()
         return handle
 
-    async def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Refuse new requests, fail the waiting ones with 503, abandon the running batch at its next step."""
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests (503) and give the queued and running ones `timeout_s` seconds to finish; then
+        end each of them with a 503 error. True when everything finished in time."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while (self._waiting or self._running) and time.monotonic() < deadline and not self._closing:
+            await asyncio.sleep(0.05)
+        clean = not (self._waiting or self._running)
+        if not clean:
+            logger.warning("%d requests still in flight after the %g s shutdown timeout; answering them 503",
+                           self.num_waiting + self.num_running, timeout_s)
+        self.abort_all()
+        return clean
+
+    def abort_all(self) -> None:
+        """End every queued and running request with a 503 `ServerClosingError`; the worker abandons its batch
+        at the next step."""
         self._closing = True
-        for group in self._waiting.values():
-            for item in group:
+        for item in [*(i for group in self._waiting.values() for i in group), *self._running.values()]:
+            if not item.cancelled and not item.done:
+                item.cancelled, item.cancel_reason = True, "abort"
                 item.handle._put(ServerClosingError())
         self._waiting.clear()
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Refuse new requests, fail the waiting and running ones with 503, abandon the running batch at its
+        next step, and wait up to `timeout_s` for the worker to notice."""
+        self._draining = True
+        self.abort_all()
         if self._task is not None:
             self._wakeup.set()
             try:
@@ -181,8 +239,8 @@ class EngineClient:
         try:
             while (batch := await self._next_batch()) is not None:
                 self._start_batch(batch)
-                error = await loop.run_in_executor(self._executor, self._run_batch, batch)
-                self._end_batch(batch, error)
+                errors = await loop.run_in_executor(self._executor, self._run_batch, batch)
+                self._end_batch(batch, errors)
         except Exception as exc:  # a bug here: answer everyone now rather than leave them waiting forever
             logger.exception("the batch scheduler stopped")
             for item in [*self._running.values(), *(i for group in self._waiting.values() for i in group)]:
@@ -220,7 +278,12 @@ class EngineClient:
 
     def _take(self, key: tuple) -> list[_Item]:
         group = self._waiting[key]
-        batch = [group.popleft() for _ in range(min(self.max_batch_size, len(group)))]
+        batch = [group.popleft()]
+        columns = self.columns(batch[0].request)
+        while group and len(batch) < self.max_batch_size and \
+                columns + self.columns(group[0].request) <= self.max_num_batched_tokens:
+            columns += self.columns(group[0].request)
+            batch.append(group.popleft())
         if not group:
             del self._waiting[key]
         return batch
@@ -233,22 +296,55 @@ class EngineClient:
         self.metrics.batches.inc()
         self.metrics.batch_size.observe(len(batch))
 
-    def _run_batch(self, batch: list[_Item]) -> ApiError | None:
-        """Worker thread: decode one batch, handing every event to the loop. Returns the error that ended it."""
+    def _run_batch(self, batch: list[_Item]) -> dict[str, ApiError]:
+        """Worker thread: decode one batch, handing every event to the loop; if it fails, decode its unfinished
+        requests again one at a time, so that only a faulty request fails. Returns the error of each request
+        that failed."""
+        delivered: dict[str, int] = {}
         finished: set[str] = set()
+        error = self._decode(batch, delivered, finished)
+        if error is None:
+            return {}
+        pending = [i for i in batch if i.request.request_id not in finished and not i.cancelled]
+        if len(batch) == 1 or self._closing:
+            return {i.request.request_id: error for i in pending}
+        logger.warning("a batch of %d requests failed; decoding its %d unfinished requests one at a time",
+                       len(batch), len(pending))
+        errors = {}
+        for item in pending:
+            if self._closing:
+                errors[item.request.request_id] = ServerClosingError()
+            elif not item.cancelled:
+                alone = self._decode([item], delivered, finished)
+                if alone is not None:
+                    errors[item.request.request_id] = alone
+        return errors
+
+    def _decode(self, batch: list[_Item], delivered: dict[str, int], finished: set[str]) -> ApiError | None:
+        """Decode `batch`, handing its events to the loop, except each request's first `delivered[id]` ones (a
+        replay: the same seed gives the same events); returns the error that ended it."""
+        skip = {i.request.request_id: delivered.get(i.request.request_id, 0) for i in batch}
         events = iter(())
         try:
             events = batch[0].engine.run([item.request for item in batch])
             for event in events:
+                rid = event.request_id
+                if skip.get(rid, 0) > 0:
+                    skip[rid] -= 1
+                    if event.output is None:
+                        continue
+                    event = dataclasses.replace(event, delta_text="", delta_token_ids=[])  # never drop the end
+                delivered[rid] = delivered.get(rid, 0) + 1
                 self._loop.call_soon_threadsafe(self._deliver, event)
                 if event.output is not None:
-                    finished.add(event.request_id)
+                    finished.add(rid)
                 if self._closing or all(i.cancelled or i.request.request_id in finished for i in batch):
                     break
         except DllmError as exc:
             return ApiError(str(exc))
-        except Exception as exc:  # a bug or a device failure: fail this batch's requests, keep serving
-            logger.exception("decoding a batch of %d requests failed", len(batch))
+        except Exception as exc:  # a bug, a device failure or a request the checks let through
+            logger.error("decoding a batch of %d requests failed: %s: %r", len(batch), type(exc).__name__,
+                         str(exc)[:500], exc_info=logger.isEnabledFor(logging.DEBUG))
             return EngineFailedError(exc)
         finally:
             if hasattr(events, "close"):
@@ -274,11 +370,12 @@ class EngineClient:
             m.latency.observe(now - item.arrival)
         item.handle._put(event)
 
-    def _end_batch(self, batch: list[_Item], error: ApiError | None) -> None:
+    def _end_batch(self, batch: list[_Item], errors: dict[str, ApiError]) -> None:
         for item in batch:
             self._running.pop(item.request.request_id, None)
             if item.cancelled and not item.done:
                 self.metrics.requests_finished.inc(1, item.cancel_reason)
             elif not item.done:
-                item.handle._put(error or (ServerClosingError() if self._closing else EngineFailedError(
-                    RuntimeError("the batch ended without an output for this request"))))
+                item.handle._put(errors.get(item.request.request_id) or (
+                    ServerClosingError() if self._closing else EngineFailedError(
+                        RuntimeError("the batch ended without an output for this request"))))

@@ -12,12 +12,19 @@ class ApiError(Exception):
 
     def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, *, type: str | None = None,
                  param: str | None = None, code: str | None = None):
+        message = one_line(message)
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, int(status), param, code
         self.type = type or _default_type(self.status)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (newlines, control characters, lone surrogates)
+    escaped as repr() writes it: a message is one line, whatever a request put in it."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _default_type(status: int) -> str:

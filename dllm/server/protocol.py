@@ -2,19 +2,28 @@
 names and order, plus the dLLM extras a client sends as extra body fields (`extra_body=` in the `openai`
 client). `to_sampling_params()` is the one place a request becomes `SamplingParams`.
 
-Unknown fields are accepted and ignored (logged), as OpenAI-compatible servers do, except OpenAI fields that
-would change the result and that dllm cannot honour (penalties, logprobs, tools, ...): a request setting one of
-those to anything but its no-op value is refused with 400.
+Unknown fields are accepted and ignored (logged, names escaped), as OpenAI-compatible servers do, except OpenAI
+fields that would change the result and that dllm cannot honour (penalties, logprobs, tools, ...): a request
+setting one of those to anything but its no-op value is refused with 400.
+
+Types are OpenAI's, strictly: an integer field takes a JSON integer (not `true`, not `"3"`, not `3.0`), a boolean
+field `true`/`false` only, a number field a finite number (no NaN or Infinity), a text field a string of valid
+Unicode (a lone surrogate such as "\\ud800" is refused, naming the field). Ranges that need no model are checked
+here or by `SamplingParams`; the rest (context, vocabulary, steps) when the request is resolved against the model.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 
-from dllm.sampling_params import SamplingParams
+from dllm.errors import check_unicode
+from dllm.sampling_params import MAX_SEED, SamplingParams
 from dllm.server.errors import ApiError
+
+MAX_STOP_STRINGS = 16     # OpenAI takes 4
+MAX_STOP_CHARS = 1000
 
 # OpenAI fields dllm cannot honour, with the values that leave them off.
 UNSUPPORTED_FIELDS = {
@@ -25,6 +34,17 @@ UNSUPPORTED_FIELDS = {
 }
 
 
+def _valid_unicode(text: str) -> str:
+    check_unicode("the text", text)
+    return text
+
+
+Text = Annotated[str, Strict(), AfterValidator(_valid_unicode)]
+Number = Annotated[float, Strict(), AllowInfNan(False)]  # an int or a finite float; never a bool or a string
+Int = StrictInt
+Bool = StrictBool
+
+
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -32,27 +52,27 @@ class OpenAIModel(BaseModel):
 class DllmOptions(OpenAIModel):
     """dLLM extras (not in OpenAI's API); see `SamplingParams` for what each one does."""
 
-    top_k: int | None = None
-    steps: int | None = None
-    block_length: int | None = None
-    threshold: float | None = None
-    factor: float | None = None
-    remasking: str | None = None
-    alg: str | None = None
-    alg_temp: float | None = None
-    eps: float | None = None
-    entropy_bound: float | None = None
-    cfg_scale: float | None = None
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-    strategy: str | None = None
+    top_k: Int | None = Field(None, ge=-1)
+    steps: Int | None = Field(None, ge=1)
+    block_length: Int | None = Field(None, ge=1)
+    threshold: Number | None = None
+    factor: Number | None = None
+    remasking: Text | None = None
+    alg: Text | None = None
+    alg_temp: Number | None = None
+    eps: Number | None = None
+    entropy_bound: Number | None = None
+    cfg_scale: Number | None = None
+    logits_eos_inf: Bool = False
+    confidence_eos_eot_inf: Bool = False
+    ignore_eos: Bool = False
+    stop_token_ids: list[Int] | None = None
+    skip_special_tokens: Bool = True
+    strategy: Text | None = None
     """Decoding strategy of this request; default: the server's --strategy."""
-    cache: str | None = None
+    cache: Text | None = None
     """KV-cache policy of this request; default: the server's --cache."""
-    return_token_ids: bool = False
+    return_token_ids: Bool = False
     """Non-streamed responses: add each choice's generated `token_ids`."""
 
     def unsupported_fields(self) -> None:
@@ -62,13 +82,17 @@ class DllmOptions(OpenAIModel):
                                code="unsupported_parameter")
 
     def unknown_fields(self) -> list[str]:
-        return sorted(set(self.model_extra or {}) - set(UNSUPPORTED_FIELDS))
+        """The names of the fields dllm ignores, each escaped (repr): a name may hold newlines or anything."""
+        return sorted(repr(name) for name in set(self.model_extra or {}) - set(UNSUPPORTED_FIELDS))
 
     def stop_strings(self) -> list[str]:
         stop = getattr(self, "stop", None)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
             raise ApiError("stop strings must be non-empty", param="stop")
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
+                           f"each (they are searched in the text on the server's event loop)", param="stop")
         return stops
 
     def requested_max_tokens(self) -> int | None:
@@ -97,18 +121,18 @@ class DllmOptions(OpenAIModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ContentPart(OpenAIModel):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(OpenAIModel):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -118,33 +142,36 @@ class ChatMessage(OpenAIModel):
         return "\n".join(part.text or "" for part in self.content)
 
 
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+
+
 class ChatCompletionRequest(DllmOptions):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
-    max_completion_tokens: int | None = None
-    max_tokens: int | None = None
-    n: int = Field(1, ge=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+    model: Text | None = None
+    max_completion_tokens: Int | None = None
+    max_tokens: Int | None = None
+    n: Int = Field(1, ge=1)
+    seed: Seed | None = None
+    stop: Text | list[Text] | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    user: str | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    user: Text | None = None
 
 
 class CompletionRequest(DllmOptions):
-    model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = None
-    n: int = Field(1, ge=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+    model: Text | None = None
+    prompt: Text | list[Text] | list[Int] | list[list[Int]]
+    max_tokens: Int | None = None
+    n: Int = Field(1, ge=1)
+    seed: Seed | None = None
+    stop: Text | list[Text] | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    user: str | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    user: Text | None = None
 
 
 class UsageInfo(BaseModel):

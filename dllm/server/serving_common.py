@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 
 from dllm.engine import Engine, Request
 from dllm.errors import DllmError
+from dllm.sampling_params import MAX_SEED
 from dllm.server.choice import ChoiceText
 from dllm.server.engine_client import EngineClient, RequestHandle
 from dllm.server.errors import ApiError
@@ -93,8 +95,12 @@ class OpenAIServing:
         """Validate `body` against the model and build its engine requests (raises ApiError)."""
         model = self.model_name(body.model)
         body.unsupported_fields()
-        if body.unknown_fields():
+        if body.unknown_fields():  # escaped names: a request cannot forge log lines
             logger.warning("ignoring unknown request fields: %s", ", ".join(body.unknown_fields()))
+        if len(prompts) * body.n > self.client.max_queue_size:
+            raise ApiError(f"this request needs {len(prompts) * body.n} engine requests (prompts x n), more than the "
+                           f"server's --max-queue-size {self.client.max_queue_size}; send fewer prompts or a smaller n",
+                           param="n")
         try:
             return self._prepare(body, prompts, f"{prefix}-{uuid.uuid4().hex}", model, prompt_param)
         except DllmError as exc:
@@ -109,11 +115,14 @@ class OpenAIServing:
         for p, prompt in enumerate(prompts):
             self._check_prompt(prompt, prompt_param)
             for j in range(body.n):
-                seed = None if body.seed is None else body.seed + j
+                # every choice gets a seed (a random one when the request has none), so that a batch that fails
+                # can be decoded again, one request at a time, to the same tokens (engine_client.py)
+                seed = secrets.randbelow(MAX_SEED + 1) if body.seed is None else (body.seed + j) % (MAX_SEED + 1)
                 params = engine.resolve(body.to_sampling_params(max_tokens=canvas, seed=seed))
                 request = Request(f"{gen_id}-{p * body.n + j}", prompt.token_ids, params, prompt.text)
                 self._check_context(request, requested, body.block_length if canvas != requested else None)
                 engine.check_request(request)
+                self.client.check_size(request)
                 requests.append((engine, request))
                 decode = _decoder(self.tokenizer, params.skip_special_tokens)
                 choices.append(ChoiceText(len(choices), request.request_id, requested or params.max_tokens,
@@ -121,26 +130,31 @@ class OpenAIServing:
         return Generation(gen_id, model, prompts, choices, requests)
 
     def _check_prompt(self, prompt: Prompt, param: str) -> None:
-        n, limit = len(prompt.token_ids), self.llm.spec.max_length
+        n, limit = len(prompt.token_ids), self.client.max_model_len
         if n == 0:
             raise ApiError("the prompt is empty; give at least one token of prompt", param=param)
         if n >= limit:
-            raise ApiError(f"the prompt has {n} tokens and the model's context is {limit} tokens, leaving no room "
+            raise ApiError(f"the prompt has {n} tokens and {self._context()} is {limit} tokens, leaving no room "
                            f"to generate; shorten the prompt", HTTPStatus.REQUEST_ENTITY_TOO_LARGE, param=param,
                            code="context_length_exceeded")
 
     def _check_context(self, request: Request, requested: int | None, rounding_block: int | None) -> None:
         """`rounding_block`: the block_length `requested` was rounded up to a multiple of, if it was."""
-        n, limit, canvas = len(request.prompt_token_ids), self.llm.spec.max_length, request.params.max_tokens
+        n, limit, canvas = len(request.prompt_token_ids), self.client.max_model_len, request.params.max_tokens
         if n + canvas <= limit:
             return
         room, rounded = limit - n, ""
         if rounding_block:
             room = room // rounding_block * rounding_block
             rounded = f" (rounded up to {canvas}, a multiple of block_length)"
-        raise ApiError(f"max_tokens {requested or canvas}{rounded} plus the prompt's {n} tokens exceeds the "
-                       f"model's context of {limit} tokens; set max_tokens to at most {room}",
+        raise ApiError(f"max_tokens {requested or canvas}{rounded} plus the prompt's {n} tokens exceeds "
+                       f"{self._context()} of {limit} tokens; set max_tokens to at most {room}",
                        param="max_tokens", code="context_length_exceeded")
+
+    def _context(self) -> str:
+        if self.client.max_model_len < self.llm.spec.max_length:
+            return "the server's --max-model-len"
+        return "the model's context"
 
     def submit(self, generation: Generation) -> RequestHandle:
         return self.client.submit(generation.requests)

@@ -7,9 +7,9 @@ values come from an independent oracle, `canonical_solution`) and the function's
 `variant`, `consts`). The functions come from `code_families.FAMILIES`, each family equally often; the split
 key is the variant and its constants, so a test function is not in train under another name either.
 
-`check` runs `prompt + completion + test + check(entry_point)` in the sandbox (`execution.run_program`,
-which uses `eval/sandbox.py`), as HumanEval's harness does; it does not truncate the completion (stop
-sequences are the harness's business).
+`check` scores `prompt + completion + test + check(entry_point)` (`program`) as HumanEval is scored: the
+completion and the test in two sandboxes (`eval/sandbox.py`, `run_checked`), the asserts seeing plain values
+only; it does not truncate the completion (stop sequences are the harness's business).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from collections.abc import Hashable
 
 from dllm.eval.tasks.base import Problem, Task
 from dllm.eval.tasks.code_families import ARG_NAMES, FAMILIES, Variant
-from dllm.eval.tasks.execution import run_program
+from dllm.eval.sandbox import SandboxLimits, run_checked
 
 NAME_PREFIXES = ("", "get_", "find_", "compute_")
 
@@ -68,7 +68,10 @@ class CodeLiteTask(Task):
         return f"{problem.prompt}{completion}\n\n{problem.meta['test']}\ncheck({problem.meta['entry_point']})\n"
 
     def check(self, problem: Problem, completion: str) -> bool:
-        return run_program(self.program(problem, completion), self.timeout_s).passed
+        # as HumanEval is scored: the completion and the test in two sandboxes (sandbox.run_checked)
+        solution = f"{problem.prompt}{completion}\n"
+        checker = f"{problem.prompt}\n\n{problem.meta['test']}\n"
+        return run_checked(solution, checker, problem.meta["entry_point"], SandboxLimits(timeout_s=self.timeout_s)).passed
 
 
 def humaneval_record(problem: Problem) -> dict[str, str]:
