@@ -7,6 +7,7 @@ choices, and `usage`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -115,10 +116,15 @@ class OpenAIServing:
         for p, prompt in enumerate(prompts):
             self._check_prompt(prompt, prompt_param)
             for j in range(body.n):
-                # every choice gets a seed (a random one when the request has none), so that a batch that fails
-                # can be decoded again, one request at a time, to the same tokens (engine_client.py)
-                seed = secrets.randbelow(MAX_SEED + 1) if body.seed is None else (body.seed + j) % (MAX_SEED + 1)
+                # every choice gets a seed, so that a batch that fails can be decoded again, one request at a
+                # time, to the same tokens (engine_client.py): when the request has none, a random one if it
+                # samples, and 0 at temperature 0 (what the engine's unseeded draws at temperature 0 use, e.g.
+                # s2d2's acceptance draws: the tokens `LLM.generate` gives)
+                seed = None if body.seed is None else (body.seed + j) % (MAX_SEED + 1)
                 params = engine.resolve(body.to_sampling_params(max_tokens=canvas, seed=seed))
+                if params.seed is None:
+                    params = dataclasses.replace(params, seed=secrets.randbelow(MAX_SEED + 1)
+                                                 if params.temperature > 0 else 0)
                 request = Request(f"{gen_id}-{p * body.n + j}", prompt.token_ids, params, prompt.text)
                 self._check_context(request, requested, body.block_length if canvas != requested else None)
                 engine.check_request(request)
