@@ -41,15 +41,20 @@ def _confidence(logits, dtype=None):
     return x0, p.gather(-1, x0[..., None]).squeeze(-1)
 
 
-@torch.no_grad()
-def l2p_generate(model, filt, thr, prompt, steps, gen_length, block_length, mask_id, eos_id, eot=True):
-    """`generate_l2p_eot` (eot=True) / `generate_learn2parallel` (eot=False) at temperature 0, no CFG.
-    Returns (x [1, <= P + G], nfe, cuts)."""
+def _start(prompt, steps, gen_length, block_length, mask_id):
+    """The authors' set-up: the canvas (prompt + gen_length MASKs), prompt length, blocks, steps per block."""
     P = prompt.shape[1]
     x = torch.full((1, P + gen_length), mask_id, dtype=torch.long)
     x[:, :P] = prompt
     nb = gen_length // block_length
-    spb = steps // nb
+    return x, P, nb, steps // nb
+
+
+@torch.no_grad()
+def l2p_generate(model, filt, thr, prompt, steps, gen_length, block_length, mask_id, eos_id, eot=True):
+    """`generate_l2p_eot` (eot=True) / `generate_learn2parallel` (eot=False) at temperature 0, no CFG.
+    Returns (x [1, <= P + G], nfe, cuts)."""
+    x, P, nb, spb = _start(prompt, steps, gen_length, block_length, mask_id)
     nfe, cuts = 0, 0
     for b in range(nb):
         bs, be = P + b * block_length, P + (b + 1) * block_length
@@ -110,11 +115,7 @@ def _transfer_index(logits, mask_index, x, k, filt, thr, eos_id, block=None):
 def l2p_generate_cached(model, filt, thr, prompt, steps, gen_length, block_length, mask_id, eos_id, cache):
     """`generate_with_prefix_cache` (cache="prefix") / `generate_with_dual_cache` (cache="dual") at temperature 0.
     Returns (x, nfe, cuts)."""
-    P = prompt.shape[1]
-    x = torch.full((1, P + gen_length), mask_id, dtype=torch.long)
-    x[:, :P] = prompt
-    nb = gen_length // block_length
-    spb = steps // nb
+    x, P, nb, spb = _start(prompt, steps, gen_length, block_length, mask_id)
     nfe, cuts = 0, 0
     for b in range(nb):
         bs = P + b * block_length

@@ -24,6 +24,7 @@ class RemaskOnce(Strategy):
     logits_span = "generation"
     remasks = True
     families = ("llada", "dream")
+    period = 3   # re-mask at every period-th step
 
     def max_forwards(self, block_length):
         return 4 * block_length
@@ -36,9 +37,7 @@ class RemaskOnce(Strategy):
         x0 = logits.argmax(-1)
         conf = chosen_probability(x0, torch.softmax(logits.float(), -1), masked)
         commit = torch.zeros_like(masked).scatter_(-1, conf.argmax(-1, keepdim=True), True) & masked
-        remask = None
-        if self.step_index % 3 == 2 and self.last is not None:
-            remask = self.last
+        remask = self.last if self.step_index % self.period == self.period - 1 else None
         self.last = commit.clone()
         self.step_index += 1
         return StepEdits(x0, commit, remask)
@@ -213,29 +212,17 @@ def test_scratch_forward_equals_a_plain_forward(cache, monkeypatch):
     assert all(o.metrics.nfe >= 2 * 2 for o in outs)   # at least one extra forward counted on top of the blocks
 
 
-class RemaskInBlock(Strategy):
+class RemaskInBlock(RemaskOnce):
     """Commit the most confident masked position of the block; every other step re-mask the last commit (the block
     is the span, so text left of the block start is final)."""
 
     name = "remask-in-block"
-    remasks = True
+    logits_span = "block"
     families = ("llada",)
+    period = 2
 
     def max_forwards(self, block_length):
         return 3 * block_length
-
-    def begin_block(self, masked):
-        super().begin_block(masked)
-        self.last = None
-
-    def step(self, logits, masked, generators, first_only=False):
-        x0 = logits.argmax(-1)
-        conf = chosen_probability(x0, torch.softmax(logits.float(), -1), masked)
-        commit = torch.zeros_like(masked).scatter_(-1, conf.argmax(-1, keepdim=True), True) & masked
-        remask = self.last if self.step_index % 2 == 1 else None
-        self.last = commit.clone()
-        self.step_index += 1
-        return StepEdits(x0, commit, remask)
 
     def final_limit(self):
         return [self.block_start] * self.canvas.batch_size
