@@ -127,9 +127,7 @@ class LLM:
         request = self._request(prompt, sampling_params or SamplingParams())
         if request_id is not None:
             request_id = str(request_id)
-            busy = {r.request_id for _, r in self.scheduler.waiting} | {
-                rid for c in self.scheduler.cohorts for rid in c.open}
-            if request_id in busy:
+            if self.scheduler.has(request_id):
                 raise InvalidParameterError(f"request id {request_id!r} is already queued or decoding; use a new id")
             request.request_id = request_id
         self.scheduler.add(self.engine, request)

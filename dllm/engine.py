@@ -120,6 +120,7 @@ class _Run:
 
     def __init__(self, engine: Engine, requests: list[Request], stream: bool = True, pool_rows: int = 0):
         self.engine, self.spec, self.stream = engine, engine.spec, stream
+        self.closed = False
         self.params = p = requests[0].params
         self.canvas = Canvas([r.prompt_token_ids for r in requests], p.max_tokens, p.block_length, self.spec,
                              engine.device)
@@ -159,9 +160,9 @@ class _Run:
 
     def close(self) -> None:
         """Give the run's K/V slots back to the runner (once)."""
-        if not getattr(self, "closed", False):
+        if not self.closed:
             self.closed = True
-            self.engine.runner.release(getattr(self.cache, "buffers", None))
+            self.engine.runner.release(self.cache.buffers)
 
     def drop(self, request_ids: set[str]) -> None:
         """Rows of these requests leave the run now (cancelled); the rest decode on unchanged."""

@@ -21,8 +21,8 @@ K/V storage is one pool per runner: per layer [slots, Hkv, max_len, D], allocate
 reallocation, which drops the graphs) when a run needs more rows or columns while no other run holds slots; runs
 take views of a contiguous range of its slots (from an offset, part of a graph's key), so the graphs' addresses
 stay valid from run to run and runs decoding side by side (the step scheduler's cohorts) never share rows. A run
-that finds no free range big enough gets storage of its own and runs eagerly; `release` gives its slots back. Logits returned by a graph live in its static output: they are
-valid until the next forward.
+that finds no free range big enough gets storage of its own and runs eagerly; `release` gives its slots back.
+Logits returned by a graph live in its static output: they are valid until the next forward.
 """
 from __future__ import annotations
 
@@ -148,9 +148,8 @@ class ModelRunner:
         if self.group is not None:
             self.group.post(PREPARE, rows, length)
         slots = batch_bucket(rows) if self.on_cuda else rows
-        if self.taken:   # other runs hold views of the pool: it cannot move; kv_buffers finds room or allocates
-            pass
-        elif self.pool is None or self.pool.slots < slots or self.pool.length < length:
+        # while other runs hold views of the pool it cannot move (kv_buffers then finds room or allocates)
+        if not self.taken and (self.pool is None or self.pool.slots < slots or self.pool.length < length):
             old = self.pool
             slots = max(slots, old.slots if old else 0)
             cols = max(-(-length // _LENGTH_GRAIN) * _LENGTH_GRAIN, old.length if old else 0)

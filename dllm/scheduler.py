@@ -82,6 +82,11 @@ class Scheduler:
                 return True
         return False
 
+    def has(self, request_id: str) -> bool:
+        """Whether `request_id` is queued or decoding."""
+        return any(r.request_id == request_id for _, r in self.waiting) or any(
+            request_id in c.open for c in self.cohorts)
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
