@@ -33,7 +33,7 @@ class DualCache(CachePolicy):
         ends = torch.tensor(self.canvas.ends, device=dev).clamp(max=end)
         if rows != ends.shape[0]:                                            # CFG: conditional + unconditional rows
             ends = torch.cat([ends, ends])
-        width = max(1, int(ends.max()) - start)
+        width = max(1, min(max(self.canvas.ends), end) - start)   # from the host list: no device sync
         last = (ends - 1).clamp(min=start)[:, None]                                        # [B, 1]
         index = torch.minimum(torch.arange(start, start + width, device=dev)[None, :], last)  # [B, W]
         total = self.buffers.k[0].shape[2]

@@ -89,7 +89,7 @@ class Learn2PDStrategy(Strategy):
         accept = self._accept(conf[:, :width]) & block_masked
         j = min(self.step_index, self.quota.shape[1] - 1)
         top = ranks(conf[:, :width].masked_fill(~block_masked, -torch.inf)) < self.quota[:, j:j + 1]
-        commit[:, :width] = accept | (top & block_masked)
+        commit[:, :width] = accept | top
         cut = self._end_of_text(x0, conf, masked, accept) if self.state["eotp"] else None
         self.step_index += 1
         return StepEdits(x0, commit & masked, truncate=cut)

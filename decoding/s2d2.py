@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from dllm.decoding.base import Strategy
 from dllm.decoding.proposal import sdar_distribution
 from dllm.decoding.s2d2_options import resolve, request_defaults
 from dllm.decoding.s2d2_router import RowRouter
-from dllm.decoding.sdar import DEFAULT_ENTROPY_BOUND, DEFAULT_THRESHOLD, REMASKING
+from dllm.decoding.sdar import DEFAULT_ENTROPY_BOUND, DEFAULT_THRESHOLD, SDARReference
 from dllm.decoding.sampling import ranks
 
 
@@ -62,12 +61,10 @@ class _Row:
         self.verify_calls = self.accepted = self.resampled = self.skipped = 0
 
 
-class S2D2Strategy(Strategy):
+class S2D2Strategy(SDARReference):
+    """SDAR's sampler (options, quotas, forward budget) with speculative verification in `step`."""
+
     name = "s2d2"
-    families = ("sdar",)
-    options = ("steps", "remasking", "threshold", "entropy_bound")
-    steps_mode = "per_block"
-    remasking = REMASKING
     caches = ("none", "block", "prefix", "dual")   # exact on block-causal models; the others approximate K/V
 
     @classmethod
@@ -82,9 +79,6 @@ class S2D2Strategy(Strategy):
         super().__init__(params, spec)
         self.rows: list[_Row] | None = None
         self.causal: torch.Tensor | None = None     # [B, T] bool: query columns attending causally
-
-    def max_forwards(self, block_length: int) -> int:
-        return max(block_length, self.params.steps) + 1
 
     def scratch_width(self, block_length: int) -> int:
         return 2 * block_length
@@ -104,9 +98,7 @@ class S2D2Strategy(Strategy):
         return mask
 
     def begin_block(self, masked: torch.Tensor) -> None:
-        super().begin_block(masked)
-        n, s = self.params.block_length, self.params.steps
-        self.quota = [n // s + (1 if j < n % s else 0) for j in range(s)]
+        super().begin_block(masked)                 # SDAR's quotas
         opts = self.state
         if (opts["cache_ver"] or opts["draft_ver"]) and self.causal is None:
             self.causal = torch.zeros_like(self.canvas.tokens, dtype=torch.bool)
@@ -207,15 +199,15 @@ class S2D2Strategy(Strategy):
             if verify[b]:
                 self._accept(b, row, logits[b], q_logits[b], x0[b], p[b], masked[b], span[b], gamma, tokens, commit)
 
-    def _ratios(self, q_logits, x0, p, gamma):
-        q_sel = self._probs(q_logits).gather(-1, x0[:, None]).squeeze(-1).clamp_min(0.0)
+    def _ratios(self, q_probs, x0, p, gamma):
+        q_sel = q_probs.gather(-1, x0[:, None]).squeeze(-1).clamp_min(0.0)
         ratio = q_sel / p.clamp_min(1e-12)
         return (ratio ** gamma if gamma != 1.0 else ratio).clamp(max=1.0)
 
     def _accept(self, b, row, logits, q_logits, x0, p, masked, span, gamma, tokens, commit) -> None:
         idx = span.nonzero().flatten()
         q_probs = self._probs(q_logits[idx])                                                    # [S, V]
-        ratios = self._ratios(q_logits[idx], x0[idx], p[idx], gamma)
+        ratios = self._ratios(q_probs, x0[idx], p[idx], gamma)
         accept = torch.rand(ratios.shape, dtype=ratios.dtype, device=ratios.device, generator=row.generator) < ratios
         rejected = (~accept).nonzero().flatten().tolist()
         j = rejected[0] if rejected else len(idx)
@@ -229,7 +221,7 @@ class S2D2Strategy(Strategy):
         if thr >= 0:
             if self.state["ssd_threshold_all_spans"]:
                 rest = (masked & ~commit[b]).nonzero().flatten()
-                commit[b, rest[self._ratios(q_logits[rest], x0[rest], p[rest], gamma) >= thr]] = True
+                commit[b, rest[self._ratios(self._probs(q_logits[rest]), x0[rest], p[rest], gamma) >= thr]] = True
             else:
                 commit[b, idx[j + 1:][ratios[j + 1:] >= thr]] = True
 

@@ -49,7 +49,6 @@ class _Saber(Strategy):
     name = "saber"
     logits_span = "generation"
     remasks = True
-    confidence_dtype = None      # LLaDA: softmax in the logits' dtype
     engine_options = {"mu": 2, "n": 2}
 
     @classmethod
@@ -114,13 +113,12 @@ def _topk_compact(values, eligible, ks, largest) -> torch.Tensor:
 
 class SaberLLaDA(_Saber):
     families = ("llada",)
-    engine_options = {"mu": 2, "n": 2}
     _row_state = ("final", "last", "offsets")
 
     def decide(self, logits, masked, generators):
         b, s = masked.shape
         g = self.params.max_tokens
-        if self.step_index == 0 and not hasattr(self, "final"):
+        if not hasattr(self, "final"):
             self.final = torch.full((b, g), -torch.inf, dtype=torch.float32, device=masked.device)
             self.last = None
         n, mu = self.state["n"], self.state["mu"]
@@ -172,7 +170,7 @@ class SaberDream(_Saber):
 
     def decide(self, logits, masked, generators):
         b, s = masked.shape
-        if self.step_index == 0 and not hasattr(self, "first"):
+        if not hasattr(self, "first"):
             self.first = torch.full((b, self.params.max_tokens), torch.nan, dtype=torch.float32,
                                     device=masked.device)
         n, mu = self.state["n"], self.state["mu"]

@@ -19,19 +19,15 @@ report gives the test split's accuracy, precision and false-positive share at th
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
-import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from dllm.decoding.base import Strategy
 from dllm.decoding.l2p_filter import DEFAULT_THRESHOLD, Filter, FilterConfig, ParallelFilter, save_filter
 from dllm.errors import InvalidParameterError
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
