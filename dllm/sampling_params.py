@@ -150,11 +150,10 @@ class SamplingParams:
                 f"max_tokens (gen_length) {max_tokens} is not divisible by block_length {block}; "
                 f"choose a block_length that divides it, e.g. {_divisor_near(max_tokens, block)}")
         num_blocks = max_tokens // block
-        steps = self.steps or (block if steps_mode == "per_block" else max_tokens)
+        per, most = ("block_length", block) if steps_mode == "per_block" else ("max_tokens", max_tokens)
+        steps = self.steps or most
         # a step commits at least one token: more steps than positions only burn forwards (and time)
-        most = block if steps_mode == "per_block" else max_tokens
         if steps_mode is not None and steps > most:
-            per = "block_length" if steps_mode == "per_block" else "max_tokens"
             raise InvalidParameterError(f"steps {steps} exceeds {per} {most}: a step commits at least one token; "
                                         f"use steps <= {most}")
         if steps_mode == "total" and steps % num_blocks:

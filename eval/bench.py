@@ -106,15 +106,21 @@ def model_family(config: EvalConfig) -> str:
 def reads(strategy: str, family: str, option: str) -> bool:
     """Whether `strategy` on `family` models reads the SamplingParams field `option` (every strategy reads the
     shared ones: max_tokens, block_length, temperature, ...)."""
-    from dllm.decoding import strategy_class
     from dllm.decoding.base import ALL_OPTIONS, PROPOSAL_OPTIONS
-    if option not in ALL_OPTIONS:
+    cls = _strategy(strategy, family)
+    if option not in ALL_OPTIONS or cls is None:
         return True
-    try:
-        cls = strategy_class(strategy, family)
-    except InvalidParameterError:
-        return True  # no such strategy for this family: keep the option, the runtime refuses the setting
     return option in cls.options or option in PROPOSAL_OPTIONS.get(family, ())
+
+
+def _strategy(strategy: str, family: str):
+    """The strategy class, or None when there is no such strategy for this family (options are then kept and the
+    runtime refuses the setting)."""
+    from dllm.decoding import strategy_class
+    try:
+        return strategy_class(strategy, family)
+    except InvalidParameterError:
+        return None
 
 
 def _setting(base: EvalConfig, values: dict, family: str) -> EvalConfig:
@@ -129,11 +135,8 @@ def _setting(base: EvalConfig, values: dict, family: str) -> EvalConfig:
 def takes(strategy: str, family: str, option: str) -> bool:
     """Whether `strategy` on `family` models has the engine-level option `option` (`--strategy-option`), so that
     e.g. saber's `mu` reaches saber and not the reference baseline of the same bench."""
-    from dllm.decoding import strategy_class
-    try:
-        return option in strategy_class(strategy, family).engine_options
-    except InvalidParameterError:
-        return True  # no such strategy for this family: keep the option, the runtime refuses the setting
+    cls = _strategy(strategy, family)
+    return cls is None or option in cls.engine_options
 
 
 def label(config: EvalConfig, axes: dict) -> str:

@@ -142,6 +142,13 @@ class EngineClient:
         n = len(request.prompt_token_ids) + request.params.max_tokens
         return n * (2 if request.params.cfg_scale > 0 else 1)
 
+    def check_request_count(self, count: int) -> None:
+        """Refuse (400) one HTTP request that needs more engine requests than the queue holds."""
+        if count > self.max_queue_size:
+            raise ApiError(f"this request needs {count} engine requests (prompts x n), more than the "
+                           f"server's --max-queue-size {self.max_queue_size}; send fewer prompts or a smaller n",
+                           param="n")
+
     def check_size(self, request: Request) -> None:
         """Refuse (400) a request over --max-model-len or, alone, over --max-num-batched-tokens."""
         n = len(request.prompt_token_ids) + request.params.max_tokens
@@ -149,8 +156,9 @@ class EngineClient:
             raise ApiError(f"max_tokens {request.params.max_tokens} plus the prompt's {len(request.prompt_token_ids)} "
                            f"tokens exceeds the server's --max-model-len {self.max_model_len}; lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")
-        if self.columns(request) > self.max_num_batched_tokens:
-            raise ApiError(f"this request takes {self.columns(request)} batch tokens (prompt + max_tokens"
+        columns = self.columns(request)
+        if columns > self.max_num_batched_tokens:
+            raise ApiError(f"this request takes {columns} batch tokens (prompt + max_tokens"
                            f"{', doubled by cfg_scale' if request.params.cfg_scale > 0 else ''}), more than the "
                            f"server's --max-num-batched-tokens {self.max_num_batched_tokens}; lower max_tokens",
                            param="max_tokens")
@@ -180,10 +188,7 @@ class EngineClient:
                 raise ApiError("the engine's batch scheduler stopped after an error (see the server log); restart "
                                "the server", HTTPStatus.SERVICE_UNAVAILABLE, code="engine_stopped")
             raise ServerClosingError()
-        if len(requests) > self.max_queue_size:
-            raise ApiError(f"this request needs {len(requests)} engine requests (prompts x n), more than the "
-                           f"server's --max-queue-size {self.max_queue_size}; send fewer prompts or a smaller n",
-                           param="n")
+        self.check_request_count(len(requests))
         self._drop_cancelled()
         if self.num_waiting + len(requests) > self.max_queue_size:
             raise QueueFullError(self.max_queue_size)
@@ -224,10 +229,8 @@ class EngineClient:
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Refuse new requests, fail the waiting and running ones with 503, abandon the running batch at its
         next step, and wait up to `timeout_s` for the worker to notice."""
-        self._draining = True
         self.abort_all()
         if self._task is not None:
-            self._wakeup.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except asyncio.TimeoutError:
@@ -280,9 +283,11 @@ class EngineClient:
         group = self._waiting[key]
         batch = [group.popleft()]
         columns = self.columns(batch[0].request)
-        while group and len(batch) < self.max_batch_size and \
-                columns + self.columns(group[0].request) <= self.max_num_batched_tokens:
-            columns += self.columns(group[0].request)
+        while group and len(batch) < self.max_batch_size:
+            need = self.columns(group[0].request)
+            if columns + need > self.max_num_batched_tokens:
+                break
+            columns += need
             batch.append(group.popleft())
         if not group:
             del self._waiting[key]
@@ -312,9 +317,9 @@ class EngineClient:
                        len(batch), len(pending))
         errors = {}
         for item in pending:
-            if self._closing:
-                errors[item.request.request_id] = ServerClosingError()
-            elif not item.cancelled:
+            if self._closing:   # abort_all has answered every running request already
+                break
+            if not item.cancelled:
                 alone = self._decode([item], delivered, finished)
                 if alone is not None:
                     errors[item.request.request_id] = alone

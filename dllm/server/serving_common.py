@@ -98,10 +98,7 @@ class OpenAIServing:
         body.unsupported_fields()
         if body.unknown_fields():  # escaped names: a request cannot forge log lines
             logger.warning("ignoring unknown request fields: %s", ", ".join(body.unknown_fields()))
-        if len(prompts) * body.n > self.client.max_queue_size:
-            raise ApiError(f"this request needs {len(prompts) * body.n} engine requests (prompts x n), more than the "
-                           f"server's --max-queue-size {self.client.max_queue_size}; send fewer prompts or a smaller n",
-                           param="n")
+        self.client.check_request_count(len(prompts) * body.n)
         try:
             return self._prepare(body, prompts, f"{prefix}-{uuid.uuid4().hex}", model, prompt_param)
         except DllmError as exc:

@@ -34,11 +34,11 @@ class ServingCompletions:
             return [Prompt(prompt, self.serving.encode(prompt))]
         if not prompt:
             raise ApiError("prompt is an empty list; give a string, token ids, or a list of them", param="prompt")
-        if len(prompt) > self.serving.client.max_queue_size and not all(isinstance(t, int) for t in prompt):
-            raise ApiError(f"{len(prompt)} prompts are more than the server's --max-queue-size "
-                           f"{self.serving.client.max_queue_size}; send fewer prompts per request", param="prompt")
         if all(isinstance(t, int) for t in prompt):
             return [self._token_prompt(prompt)]
+        if len(prompt) > self.serving.client.max_queue_size:
+            raise ApiError(f"{len(prompt)} prompts are more than the server's --max-queue-size "
+                           f"{self.serving.client.max_queue_size}; send fewer prompts per request", param="prompt")
         if all(isinstance(t, str) for t in prompt):
             return [Prompt(text, self.serving.encode(text)) for text in prompt]
         return [self._token_prompt(ids) for ids in prompt]
