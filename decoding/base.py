@@ -31,7 +31,7 @@ exactly the block's first position.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -157,9 +157,12 @@ class Strategy:
         else:
             commit = self.choose(x0, probs, masked, generators)
         self.step_index += 1
+        if isinstance(commit, StepEdits):   # a rule that also edits the canvas (Learn2PD's end-of-text cut)
+            return replace(commit, commit=commit.commit & masked)
         return x0, commit & masked
 
-    def choose(self, x0, probs, masked, generators) -> torch.Tensor:
+    def choose(self, x0, probs, masked, generators) -> torch.Tensor | StepEdits:
+        """The positions to commit [B, S] (or, for a rule that also re-masks or truncates, `StepEdits`)."""
         raise NotImplementedError
 
     def select_rows(self, keep: torch.Tensor) -> None:

@@ -30,15 +30,15 @@ import torch
 
 from dllm.decoding.base import StepEdits, Strategy
 from dllm.decoding.l2p_filter import check_filter, load_filter
-from dllm.decoding.llada import transfer_quota
-from dllm.decoding.sampling import ranks
+from dllm.decoding.llada import LLaDAReference, transfer_quota
 from dllm.errors import InvalidParameterError
 
 
-class Learn2PDStrategy(Strategy):
+class Learn2PDStrategy(LLaDAReference):
     name = "learn2pd"
     families = ("llada", "dream")
     options = ("steps",)
+    remasking = ()         # LLaDA's quota rule always ranks by confidence here
     steps_mode = "total"
     logits_span = "tail"   # [block start, canvas end) when the cache feeds every column (EoTP scope), else the block
     engine_options = {"filter": None, "threshold": None, "eotp": True}
@@ -58,14 +58,11 @@ class Learn2PDStrategy(Strategy):
         threshold = flt.config.threshold if opts["threshold"] is None else _probability(opts["threshold"])
         return {"filter": flt, "threshold": threshold, "eotp": opts["eotp"]}
 
-    def _steps_per_block(self) -> int:
-        return self.params.steps // (self.params.max_tokens // self.params.block_length)
-
     def max_forwards(self, block_length: int) -> int:
-        return max(block_length, self._steps_per_block()) + 1
+        return super().max_forwards(block_length) + 1
 
     def begin_block(self, masked: torch.Tensor) -> None:
-        super().begin_block(masked)
+        Strategy.begin_block(self, masked)      # not LLaDA's quota: this one leaves out columns a cut removed
         flt = self.state["filter"]
         check_filter(flt, flt.config.vocab_size, self.params.block_length, source="")
         alive = self.canvas.alive(self.block_start, self.block_start + masked.shape[1])
@@ -73,26 +70,17 @@ class Learn2PDStrategy(Strategy):
         # The authors' no-cache sampler takes the softmax in the logits' dtype, the cached one in float64.
         self.confidence_dtype = None if self.ctx.run.cache.feeds_all else torch.float64
 
-    def step(self, logits: torch.Tensor, masked: torch.Tensor, generators: list, first_only: bool = False):
-        # logits [B, S, V], S = block (+ the rest of the canvas when the cache feeds it); masked [B, S]
-        self.active = None if all(g is None for g in generators) else masked.any(-1).tolist()
-        x0, probs = self.propose(logits, self.params, generators, self.token_ids(logits.device),
-                                 self.confidence_dtype, self.active)
-        commit = torch.zeros_like(masked)
-        if first_only:
-            commit[:, 0] = True
-            self.step_index += 1
-            return StepEdits(x0, commit & masked)
+    def choose(self, x0, probs, masked, generators) -> StepEdits:
+        # [B, S], S = block (+ the rest of the canvas when the cache feeds it): the filter's accepts and LLaDA's
+        # quota in the block, and the end-of-text cut
         width = self.params.block_length
         conf = probs.gather(-1, x0[..., None]).squeeze(-1)                      # [B, S] p(x0), every position
         block_masked = masked[:, :width]
         accept = self._accept(conf[:, :width]) & block_masked
-        j = min(self.step_index, self.quota.shape[1] - 1)
-        top = ranks(conf[:, :width].masked_fill(~block_masked, -torch.inf)) < self.quota[:, j:j + 1]
-        commit[:, :width] = accept | top
+        commit = torch.zeros_like(masked)
+        commit[:, :width] = accept | super().choose(x0[:, :width], probs[:, :width], block_masked, generators)
         cut = self._end_of_text(x0, conf, masked, accept) if self.state["eotp"] else None
-        self.step_index += 1
-        return StepEdits(x0, commit & masked, truncate=cut)
+        return StepEdits(x0, commit, truncate=cut)
 
     def _accept(self, conf: torch.Tensor) -> torch.Tensor:
         """The filter's verdict on the block's confidences [B, L]; columns a cut removed read 0 (the authors'
@@ -113,14 +101,10 @@ class Learn2PDStrategy(Strategy):
         first = accepted_eos.long().argmax(-1)
         best = eos_conf.argmax(-1)
         has_accepted, has_any = accepted_eos.any(-1), torch.isfinite(eos_conf).any(-1)
-        where = torch.where(has_accepted, first, best)
-        cuts = []
-        for r, (a, b, w) in enumerate(zip(has_accepted.tolist(), has_any.tolist(), where.tolist())):
-            cuts.append(self.block_start + w + 1 if (a or b) else None)
+        where = torch.where(has_accepted, first, best).masked_fill(~(has_accepted | has_any), -1).tolist()  # one sync
+        cuts = [self.block_start + w + 1 if w >= 0 else None for w in where]
         return cuts if any(c is not None for c in cuts) else None
 
-    def select_rows(self, keep: torch.Tensor) -> None:
-        self.quota = self.quota[keep]
 
 
 def zoo_filter(loaded):
