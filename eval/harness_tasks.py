@@ -71,6 +71,7 @@ class ZooEvalTask:
 
     def __init__(self, task: Task) -> None:
         self.task, self.name = task, task.name
+        self.uses_sandbox = isinstance(task, CodeLiteTask)   # code-lite runs the programs: summary.json says how
 
     def docs(self, limit: int | None = None) -> list[Doc]:
         n = self.task.test_pool_size if limit is None else min(limit, self.task.test_pool_size)

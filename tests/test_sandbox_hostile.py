@@ -215,3 +215,11 @@ def test_ci_installs_bubblewrap_then_runs_the_readmes_second_command():
     commands = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
     assert ci[-1] == commands[1]
     assert any("apt-get install" in line and "bubblewrap" in line for line in ci[:-1])
+
+
+def test_code_lite_records_the_isolation_layer_and_arith_does_not():
+    from dllm.eval.harness_tasks import ZooEvalTask
+    from dllm.eval.tasks import get_task
+
+    assert ZooEvalTask(get_task("code-lite")).uses_sandbox          # its programs run in the sandbox
+    assert not ZooEvalTask(get_task("arith")).uses_sandbox
