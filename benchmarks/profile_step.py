@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--modes", nargs="+", default=["eager", "graph"])
     args = ap.parse_args()
 
     work = pathlib.Path(tempfile.mkdtemp())
@@ -49,7 +50,7 @@ def main() -> None:
     sp = SamplingParams(max_tokens=args.gen, block_length=args.block, steps=steps, ignore_eos=True, temperature=0,
                         **extra)
     report = {}
-    for mode in ("eager", "graph"):
+    for mode in args.modes:
         llm.engine = Engine(llm.loaded, cache=args.cache, strategy="reference", enforce_eager=(mode == "eager"))
         llm.generate(prompts, sp)
         llm.generate(prompts, sp)
@@ -69,10 +70,30 @@ def main() -> None:
               f"device {device_us / nfe / 1e3:.2f} ms/step")
         for e in top:
             print(f"  {e.self_device_time_total / nfe / 1e3:7.3f} ms/step  {e.count / nfe:6.1f}/step  {e.key[:110]}")
+        host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                      key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
+        print(f"  host ops by self time (ms/step):")
+        for e in host:
+            print(f"  {e.self_cpu_time_total / nfe / 1e3:7.3f} ms/step  {e.count / nfe:6.1f}/step  {e.key[:110]}")
         report[mode] = {"ms_per_step_profiled": round(wall / nfe * 1e3, 3), "kernels_per_step": round(launches / nfe, 1),
                         "device_ms_per_step": round(device_us / nfe / 1e3, 3),
                         "top": [{"kernel": e.key[:160], "ms_per_step": round(e.self_device_time_total / nfe / 1e3, 4),
-                                 "per_step": round(e.count / nfe, 2)} for e in top]}
+                                 "per_step": round(e.count / nfe, 2)} for e in top],
+                        "host_top": [{"op": e.key[:160], "ms_per_step": round(e.self_cpu_time_total / nfe / 1e3, 4),
+                                      "per_step": round(e.count / nfe, 2)} for e in host]}
+    if "graph" in args.modes:   # Python-level: where the host spends a graph-mode step (waits on the device included)
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        out = llm.generate(prompts, sp)[0]
+        torch.cuda.synchronize()
+        pr.disable()
+        text = io.StringIO()
+        pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(args.top)
+        print(f"\n== graph, cProfile over {out.metrics.nfe} steps (tottime)")
+        print("\n".join(text.getvalue().splitlines()[-args.top - 3:]))
     print(json.dumps({"config": str(args.config_dir), "cache": args.cache, "batch": args.batch, **report}))
 
 

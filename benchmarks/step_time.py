@@ -90,6 +90,8 @@ def time_forward(engine: Engine, prompt_len: int, batch: int, gen: int, block: i
     start, end = canvas.block(first)
     if canvas.block_causal:
         policy.stored_until = start - block
+    if step > 0:   # the block start comes first: a policy keeps what it learnt there (dual: the block's mask)
+        policy.plan(start, end, 0, canvas.attn_mask)
     plan = policy.plan(start, end, step, canvas.attn_mask)
     ids, pos = canvas.tokens[:, plan.start:plan.end], canvas.positions[:, plan.start:plan.end]
     shift = int(loaded.spec.shift_logits)
@@ -180,7 +182,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda", help="cuda (what the figures mean); cpu only to smoke-test the script")
     ap.add_argument("--output", default=None, help="also write the JSON result here")
+    ap.add_argument("--masked-gqa", choices=("grouped", "expand"), default=None,
+                    help="how masked attention reads grouped K/V heads (dllm.attention.MASKED_GQA)")
     args = ap.parse_args()
+    if args.masked_gqa:
+        import dllm.attention
+        dllm.attention.MASKED_GQA = args.masked_gqa
     limits = {k: int(v) for k, v in (item.split("=") for item in args.max_batch_for)}
     global DEVICE
     DEVICE = args.device
@@ -222,7 +229,9 @@ def main() -> None:
         del llm
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+    import dllm.attention
     summary = {"device": gpu, "torch": torch.__version__, "dtype": args.dtype, "prompt_len": args.prompt_len,
+               "masked_gqa": dllm.attention.MASKED_GQA,
                "copy_bandwidth_GBps": round(bandwidth / 1e9, 1), "models": models, "results": results}
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps(summary, indent=2))

@@ -32,21 +32,36 @@ class AttentionPlan(Protocol):
     #       (layer = num_layers); may change which positions' hidden states go through the next layer.
 
 
+# How masked attention reads grouped K/V heads: "grouped" (query heads stacked, K/V read as stored) or "expand"
+# (K/V heads repeated first); `benchmarks/attention_gqa.py` times both, `benchmarks/step_time.py --masked-gqa` too.
+MASKED_GQA = "grouped"
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B, 1, Lq|1, Lk] -> [B, H, Lq, D].
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B|1, 1, Lq|1, Lk] -> [B, H, Lq, D].
 
     PyTorch SDPA picks the kernel by device, dtype and mask. With no mask every key is visible and the flash
     kernel runs, reading grouped K/V heads in place (`enable_gqa`, no copy). With a mask the memory-efficient
-    kernel runs; it has no grouped-head support, so K/V heads are expanded first (otherwise SDPA would fall
-    back to the math kernel, which materialises the attention weights).
+    kernel runs, which has no grouped-head support; rather than expanding K/V heads (a copy of every layer's
+    keys and values, which dominates a large batch's in-block step), the query heads that share a K/V head are
+    stacked along the query axis: q [B, Hkv, G * Lq, D] against k/v [B, Hkv, Lk, D]. Each query row's softmax
+    is over the same keys as before, so the result is the same attention; only the mask is repeated (G x
+    [Lq, Lk] booleans, nothing when it is a per-key mask of one query row).
     """
     groups = q.shape[1] // k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=groups > 1)
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if MASKED_GQA == "expand":
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1),
+                                              v.repeat_interleave(groups, dim=1), attn_mask=mask)
+    b, h, lq, d = q.shape
+    hkv = k.shape[1]
+    if mask.shape[2] != 1:   # [B, 1, Lq, Lk] -> [B, 1, G * Lq, Lk], row g * Lq + i = query i of group member g
+        mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * lq, -1)
+    out = F.scaled_dot_product_attention(q.reshape(b, hkv, groups * lq, d), k, v, attn_mask=mask)
+    return out.reshape(b, h, lq, d)
 
 
 def key_padding_mask(key_valid: torch.Tensor | None) -> torch.Tensor | None:

@@ -122,6 +122,9 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         self.on_cuda = self.device.type == "cuda"
         self.use_graphs = self.on_cuda and not enforce_eager
+        # fed widths over cached K/V are padded to `width_bucket` on CUDA (both paths, as batches are padded to
+        # their bucket); the CPU runs them as they come (tests switch it on to check the padding changes nothing)
+        self.pad_widths = self.on_cuda
         self.pool: KVPool | None = None
         self.taken: dict[int, int] = {}   # pool slots held by unfinished runs: offset -> slots
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -290,6 +293,8 @@ class ModelRunner:
             cols = torch.arange(plan.start, plan.end, device=ids.device)
             write = cols.expand(rows, -1)
             mask = _pad_keys(plan.attn_mask, plan.read_end, length, rows, ids.device)
+        if self.pad_widths and buffers is not None and self._graphable(buffers):
+            ids, positions, write, mask = _pad_width(ids, positions, write, mask, width_bucket(width))
         padded = batch_bucket(rows) if self.on_cuda else rows
         if padded != rows and self._graphable(buffers):
             ids, positions, logits_index, write, mask = (_pad_rows(t, padded) for t in
@@ -297,6 +302,26 @@ class ModelRunner:
             if buffers is not None:
                 buffers = self.pool.view(padded, length, buffers.offset)
         return _Inputs(ids, positions, logits_index, write, mask, buffers)
+
+
+def width_bucket(w: int) -> int:
+    """The fed width a forward over cached K/V is padded to: exact up to 16, then a multiple of 32 (a cache
+    whose fed width changes block by block or step by step then reuses a few graphs instead of capturing one
+    per width)."""
+    return w if w <= 16 else -(-w // 32) * 32
+
+
+def _pad_width(ids, positions, write, mask, width: int):
+    """Extend the fed slots to `width` by repeating each row's last slot: the same token at the same position
+    under the same mask row computes the same K/V and writes it to the same column again, so nothing a real
+    slot reads changes; no logit is read from the copies."""
+    extra = width - ids.shape[1]
+    if extra <= 0 or mask is not None and mask.shape[2] not in (1, ids.shape[1]):
+        return ids, positions, write, mask
+    rep = lambda t: torch.cat([t, t[:, -1:].expand(-1, extra)], dim=1)   # noqa: E731
+    if mask is not None and mask.shape[2] > 1:
+        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, extra, -1)], dim=2)
+    return rep(ids), rep(positions), rep(write), mask
 
 
 def _pad_keys(mask: torch.Tensor | None, read_end: int, length: int, rows: int,
