@@ -112,7 +112,12 @@ class Engine:
         for r in requests:
             self.check_request(r)
         with torch.no_grad():
-            yield from _Run(self, requests, stream).events()
+            yield from self.open_run(requests, stream).events()
+
+    def open_run(self, requests: list[Request], stream: bool = True, pool_rows: int = 0) -> "_Run":
+        """Start decoding `requests` (same batch key, checked): a run whose `events()` decode it step by step
+        (the step scheduler starts its cohorts here)."""
+        return _Run(self, requests, stream, pool_rows)
 
 
 class _Run:
