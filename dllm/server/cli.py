@@ -48,6 +48,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "(a stream: an error event, then [DONE]) and the server exits 0. Default: 30")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level. Default: info")
+    g.add_argument("--load-format", default="safetensors", choices=("safetensors", "dummy"),
+                   help="dummy: random weights in the checkpoint's shape (config.json alone suffices), for load "
+                        "tests and benchmarks. Default: safetensors")
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: prompts must be token ids (/v1/completions) and answers carry no text, "
+                        "only usage and (with return_token_ids) token ids")
     return p
 
 
