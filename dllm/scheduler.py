@@ -16,7 +16,8 @@ cohorts; a classifier-free-guidance request takes two, or decodes alone when the
 running cohort by one step. A request that arrives while others decode therefore starts at the next step instead
 of after the whole batch, and a row that finishes (stop token final or region full) or is aborted frees its slot
 for the next step's admission. `max_num_batched_tokens`, when set, also bounds the canvas columns (prompt + max_tokens, twice under
-guidance) of the running rows.
+guidance) of the running rows, and `max_num_cohorts` the cohorts running at once (so the forwards a step runs:
+arrivals then wait for a cohort to end and start together, in bigger cohorts).
 
 Admission is first come, first served: the oldest waiting request heads the queue, and the cohort it starts takes
 the later waiting requests that share its settings, in arrival order, up to the free slots. If the head does not
@@ -82,12 +83,13 @@ class _Cohort:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int = 32, stream: bool = True, max_num_batched_tokens: int | None = None,
-                 isolate: bool = False):
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+                 isolate: bool = False, max_num_cohorts: int | None = None):
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_num_cohorts", max_num_cohorts)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
         self.max_num_seqs, self.stream, self.isolate = max_num_seqs, stream, isolate
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_batched_tokens, self.max_num_cohorts = max_num_batched_tokens, max_num_cohorts
         self.waiting: collections.deque[_Waiting] = collections.deque()
         self.cohorts: list[_Cohort] = []
         self.num_steps = 0
@@ -199,6 +201,8 @@ class Scheduler:
             engine = head.engine
             if engine.runner.group is not None and self.cohorts:
                 return                   # tensor parallelism: one cohort at a time
+            if self.max_num_cohorts is not None and len(self.cohorts) >= self.max_num_cohorts:
+                return                   # as many forwards a step as allowed: wait for a cohort to end
             key = head.request.params.batch_key()
             members, need, cols = [], 0, 0
             for w in ([head] if head.alone else self.waiting):   # a retry decodes alone

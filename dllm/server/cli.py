@@ -37,6 +37,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="most canvas columns (prompt + max_tokens, doubled with cfg_scale, summed over rows) one batch "
                         "holds: bounds the memory of a batch; a request over it alone is answered 400. "
                         "Default: 2 x --max-batch-size x --max-model-len")
+    g.add_argument("--max-num-cohorts", type=int, default=None,
+                   help="most cohorts (requests admitted together with the same settings; each runs its own "
+                        "forward every step) decoding at once; later arrivals wait for one to end. Bounds the "
+                        "time a step takes under mixed settings. Default: no bound")
     g.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health. Default: $DLLM_API_KEY, "
                         "else no key")
@@ -71,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> None:
     llm = build_llm(args)
     client = EngineClient(llm, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                           max_queue_size=args.max_queue_size, max_model_len=args.max_model_len,
-                          max_num_batched_tokens=args.max_num_batched_tokens)
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_cohorts=args.max_num_cohorts)
     names = args.served_model_name or [args.model]
     app = build_app(client, names, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)
     logger.info("serving %s as %s on http://%s:%d/v1 (cache=%s, strategy=%s, max batch %d, max wait %g ms%s)",
@@ -120,7 +124,7 @@ def _check(args: argparse.Namespace) -> None:
         raise DllmError("--max-batch-size and --max-queue-size must be positive")
     if args.max_wait_ms < 0 or args.shutdown_timeout < 0:
         raise DllmError("--max-wait-ms and --shutdown-timeout must be >= 0")
-    for name in ("max_model_len", "max_num_batched_tokens"):
+    for name in ("max_model_len", "max_num_batched_tokens", "max_num_cohorts"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DllmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")

@@ -101,9 +101,11 @@ class RequestHandle:
 
 class EngineClient:
     def __init__(self, llm, *, max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue_size: int = 256,
-                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None):
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
+                 max_num_cohorts: int | None = None):
         for name, value in (("max_batch_size", max_batch_size), ("max_queue_size", max_queue_size),
-                            ("max_model_len", max_model_len), ("max_num_batched_tokens", max_num_batched_tokens)):
+                            ("max_model_len", max_model_len), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_num_cohorts", max_num_cohorts)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise DllmError(f"{name} must be a positive integer, got {value!r}")
         if max_wait_ms < 0:
@@ -118,7 +120,7 @@ class EngineClient:
         self.max_batch_size, self.max_wait_s, self.max_queue_size = max_batch_size, max_wait_ms / 1000, max_queue_size
         # touched by the worker thread during a step and by the event loop only between steps
         self.scheduler = Scheduler(max_num_seqs=max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
-                                   isolate=True)
+                                   isolate=True, max_num_cohorts=max_num_cohorts)
         self._engines = {(llm.engine.cache_name, llm.engine.strategy_name): llm.engine}
         self._incoming: collections.deque[_Item] = collections.deque()   # not yet handed to the scheduler
         self._items: dict[str, _Item] = {}                                 # in the scheduler, unfinished
