@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dllm.engine import Engine, Request, _Run
+from dllm.engine import _END, Engine, ForwardCall, Request, _Run, _send
 from dllm.errors import InvalidParameterError
 from dllm.outputs import StreamEvent
 
@@ -93,6 +93,7 @@ class Scheduler:
         self.waiting: collections.deque[_Waiting] = collections.deque()
         self.cohorts: list[_Cohort] = []
         self.num_steps = 0
+        self.num_forwards = 0                     # model calls (merged forwards count once)
         self.slot_steps = 0                       # slots in use summed over steps: utilisation = / (steps x slots)
         self.admitted: list[list[Request]] = []   # the cohorts the latest step admitted
         self.failures: list[Failure] = []
@@ -161,37 +162,83 @@ class Scheduler:
     # ------------------------------------------------------------------ steps
 
     def step(self) -> list[StreamEvent]:
-        """Admit what fits, then one step (one forward) of every cohort; the events of that step."""
+        """Admit what fits, then one step of every cohort: each runs up to its forward, the forwards that can
+        share one model call run as one (`ModelRunner.merge_key`), then each commits; the events of that step."""
         self.admitted = []
         self._admit()
         self.slot_steps += self.slots_in_use
         events: list[StreamEvent] = []
         with torch.no_grad():
-            for cohort in list(self.cohorts):
+            calls: list[tuple[_Cohort, ForwardCall]] = []
+            for cohort in list(self.cohorts):             # each cohort up to its forward
+                call = self._guard(cohort, lambda c=cohort: self._until_forward(c, events))
+                if call is not None:
+                    calls.append((cohort, call))
+            groups: dict[object, list[tuple[_Cohort, ForwardCall]]] = {}
+            for cohort, call in calls:
+                key = None if cohort.alone else cohort.run.engine.runner.merge_key(call.ids, call.plan,
+                                                                                  call.logits_index)
+                groups.setdefault(key if key is not None else id(cohort), []).append((cohort, call))
+            self.num_forwards += len(groups)
+            for group in groups.values():                 # one model call per group, then each commits
+                runner = group[0][0].run.engine.runner
                 try:
-                    events.extend(self._advance(cohort))
+                    logits = runner.forward_merged([call.args for _, call in group])
                 except Exception as exc:
-                    self._close(cohort)
-                    if not self.isolate:
-                        raise
-                    self._fail(list(cohort.open.values()), exc, cohort.alone)
+                    for cohort, _ in group:
+                        self._failed(cohort, exc)
+                    continue
                 except BaseException:
-                    self._close(cohort)
+                    for cohort, _ in group:
+                        self._close(cohort)
                     raise
+                for (cohort, _), out in zip(group, logits):
+                    self._guard(cohort, lambda c=cohort, o=out: self._after_forward(c, o, events))
         self.num_steps += 1
         return events
 
-    def _advance(self, cohort: _Cohort) -> list[StreamEvent]:
-        out = []
-        for event in cohort.events:
-            if event is None:        # the end of this cohort's step
-                return out
-            if event.request_id in cohort.open:
-                out.append(event)
-                if event.output is not None:
-                    del cohort.open[event.request_id]
-        self._close(cohort)          # the run is over
-        return out
+    def _guard(self, cohort: _Cohort, work):
+        try:
+            return work()
+        except Exception as exc:
+            self._failed(cohort, exc)
+        except BaseException:
+            self._close(cohort)
+            raise
+
+    def _failed(self, cohort: _Cohort, exc: Exception) -> None:
+        self._close(cohort)
+        if not self.isolate:
+            raise exc
+        self._fail(list(cohort.open.values()), exc, cohort.alone)
+
+    def _until_forward(self, cohort: _Cohort, out: list[StreamEvent]) -> ForwardCall | None:
+        """Run `cohort` up to its next forward (None: it ended)."""
+        item = next(cohort.events, _END)
+        while not isinstance(item, ForwardCall):
+            if item is _END:
+                self._close(cohort)
+                return None
+            self._keep(cohort, item, out)
+            item = next(cohort.events, _END)
+        return item
+
+    def _after_forward(self, cohort: _Cohort, logits: torch.Tensor, out: list[StreamEvent]) -> None:
+        """Hand `cohort` its forward's logits and run it to the end of its step."""
+        item = _send(cohort.events, logits)
+        while item is not None:                # the end of this cohort's step
+            if item is _END:
+                self._close(cohort)
+                return
+            self._keep(cohort, item, out)
+            item = next(cohort.events, _END)
+
+    @staticmethod
+    def _keep(cohort: _Cohort, event: StreamEvent, out: list[StreamEvent]) -> None:
+        if event.request_id in cohort.open:
+            out.append(event)
+            if event.output is not None:
+                del cohort.open[event.request_id]
 
     def _admit(self) -> None:
         free = self.max_num_seqs - self.slots_in_use
@@ -225,7 +272,7 @@ class Scheduler:
                     raise
                 self._fail(members, exc, head.alone)
                 continue
-            self.cohorts.append(_Cohort(run, run.events(marks=True), _slots(head.request),
+            self.cohorts.append(_Cohort(run, run.events(marks=True, forwards=True), _slots(head.request),
                                         {w.request.request_id: w for w in members}, head.alone))
             self.admitted.append(requests)
             free -= need

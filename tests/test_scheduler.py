@@ -198,14 +198,14 @@ def test_isolate_retries_a_failed_cohort_one_request_at_a_time(tiny_llada, monke
         run = real_open(batch, *args, **kwargs)
         sizes.append(len(batch))
         if any(r.prompt_token_ids[0] == 66 for r in batch):
-            real_events = run.events
+            real_step, count = run.strategy.step, [0]
 
-            def events(marks=False):
-                for i, event in enumerate(real_events(marks)):
-                    if i >= 3:
-                        raise RuntimeError("poisoned")
-                    yield event
-            run.events = events
+            def step(*args, **kwargs):           # the run breaks at its third step
+                count[0] += 1
+                if count[0] > 2:
+                    raise RuntimeError("poisoned")
+                return real_step(*args, **kwargs)
+            run.strategy.step = step
         return run
 
     monkeypatch.setattr(llm.engine, "open_run", open_run)
@@ -234,3 +234,31 @@ def test_isolate_retries_a_failed_cohort_one_request_at_a_time(tiny_llada, monke
         while llm.has_unfinished_requests():
             llm.step()
     assert not llm.scheduler.cohorts
+
+
+@pytest.mark.parametrize("fixture,cache", CASES)
+def test_cohorts_with_one_forward_shape_share_one_model_call(request, fixture, cache):
+    """Two cohorts one step apart (same settings and prompt length): once their forwards have the same shape
+    they run as one model call (rows of both, attention per cohort over its own K/V), and each request's
+    tokens equal decoding it alone."""
+    llm = LLM(str(request.getfixturevalue(fixture)), cache=cache, strategy="reference", device="cpu",
+              dtype="float32", max_batch_size=4)
+    one_a_step = dict(steps=8, remasking="low_confidence_static") if fixture == "tiny_sdar" else {"steps": 32}
+    params = SamplingParams(**LONG, **one_a_step)
+    first = llm.add_request([5, 6, 7, 8], params)
+    llm.step()
+    second = llm.add_request([9, 10, 11, 12], params)
+    cohort_steps, outputs = 1, {}
+    while llm.has_unfinished_requests():
+        cohort_steps += len(llm.scheduler.cohorts) + len(llm.scheduler.waiting)
+        for event in llm.step():
+            if event.output is not None:
+                outputs[event.request_id] = event.output
+    merged = cohort_steps - llm.scheduler.num_forwards
+    print(f"{fixture} {cache}: {llm.scheduler.num_forwards} model calls for {cohort_steps} cohort steps")
+    if cache != "elastic":       # (its plans hook every layer: never merged)
+        assert merged > 0
+    else:
+        assert merged == 0
+    for rid, prompt in ((first, [5, 6, 7, 8]), (second, [9, 10, 11, 12])):
+        assert outputs[rid].outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids

@@ -240,18 +240,15 @@ def test_a_batch_that_fails_is_retried_one_request_at_a_time(srv, llm, monkeypat
         run = real_open(requests, stream, pool_rows)
         bad = any(r.prompt_token_ids[-len(poison):] == poison for r in requests)
         calls.append((len(requests), bad))
-        real_events = run.events
+        if bad:
+            real_step, count = run.strategy.step, [0]
 
-        def events(marks=False):
-            seen = 0
-            for event in real_events(marks):
-                if event is not None:
-                    seen += 1
-                if bad and seen > 2:  # after some events were already streamed to the neighbours
+            def step(*args, **kwargs):   # after some events were already streamed to the neighbours
+                count[0] += 1
+                if count[0] > 2:
                     raise RuntimeError("poisoned\nsecond line")
-                yield event
-
-        run.events = events
+                return real_step(*args, **kwargs)
+            run.strategy.step = step
         return run
 
     monkeypatch.setattr(llm.engine, "open_run", open_run)
