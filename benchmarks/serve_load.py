@@ -20,10 +20,13 @@ The server: `--url` of a running one, or `--serve MODEL` to start `dllm serve MO
 another checkout's interpreter, such as the static-batching server before the step scheduler), stopped at the end.
 
     python benchmarks/serve_load.py --serve tiny-llada --serve-arg=--device --serve-arg=cpu --rates 2,4,8,16
-    # the GPU run (LLaDA-8B's shape, random weights, 32 streams at once, answers of 256 tokens):
+    # the GPU run (LLaDA-8B's shape, random weights, 32 streams at once, answers of 256 tokens in blocks of 32,
+    # dual cache, one token a step, as benchmarks/step_time.py's batch-32 row):
     python benchmarks/serve_load.py --serve tests/data/checkpoints/LLaDA-8B-Instruct --token-prompts 64 \\
         --serve-arg=--load-format --serve-arg=dummy --serve-arg=--skip-tokenizer-init --serve-arg=--dtype \\
-        --serve-arg=bfloat16 --rates inf --requests 96 --max-concurrency 32 --max-tokens 256 --ignore-eos
+        --serve-arg=bfloat16 --serve-arg=--device --serve-arg=cuda --serve-arg=--cache --serve-arg=dual \\
+        --serve-arg=--strategy --serve-arg=reference --rates inf --requests 96 --max-concurrency 32 \\
+        --max-tokens 256 --block-length 32 --ignore-eos --no-mixed
 """
 from __future__ import annotations
 

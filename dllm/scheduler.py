@@ -1,7 +1,7 @@
 """The step scheduler: requests join and leave decoding at every step, not once per batch.
 
     scheduler.add(engine, request)         queue a request (checked now: a bad one is refused here, alone)
-    events = scheduler.step()               admit waiting requests into free slots, then one forward per cohort
+    events = scheduler.step()               admit waiting requests into free slots, then one step of every cohort
     scheduler.abort(request_id)             a waiting request is dropped; a running one leaves at the next step
     scheduler.close()                       drop every waiting and running request (their K/V slots go back)
 
@@ -15,23 +15,34 @@ step the scheduler first admits waiting requests, oldest first, into free slots 
 cohorts; a classifier-free-guidance request takes two, or decodes alone when there is one), then advances every
 running cohort by one step. A request that arrives while others decode therefore starts at the next step instead
 of after the whole batch, and a row that finishes (stop token final or region full) or is aborted frees its slot
-for the next step's admission. `max_num_batched_tokens`, when set, also bounds the canvas columns (prompt + max_tokens, twice under
-guidance) of the running rows, and `max_num_cohorts` the cohorts running at once (so the forwards a step runs:
-arrivals then wait for a cohort to end and start together, in bigger cohorts).
+for the next step's admission. `max_num_batched_tokens`, when set, also bounds the canvas columns (prompt +
+max_tokens, twice under guidance) of the running rows, and `max_num_cohorts` the cohorts running at once
+(arrivals then wait for a cohort to end and start together, in bigger cohorts).
 
 Admission is first come, first served: the oldest waiting request heads the queue, and the cohort it starts takes
 the later waiting requests that share its settings, in arrival order, up to the free slots. If the head does not
 fit, nobody is admitted until it does, so no request is passed over more than once per cohort admitted ahead of
-it (a bound, not starvation). Requests with other settings (another forward shape: block length, canvas length,
-cache, guidance) decode side by side in their own cohorts, each step running one forward per cohort: the rule
-for different shapes is "same step, separate forwards" (forwards of different cohorts are not merged yet).
+it (a bound, not starvation).
 
-Batch invariance: a cohort decodes as a static batch of its members would, and rows leave a cohort without
-changing the others' arithmetic, so at temperature 0 in float32 a request's tokens do not depend on what else runs
-(tests/test_scheduler.py). K/V storage: the runner's pool is sized for `max_num_seqs` rows when the first cohort
-starts; each cohort holds a contiguous range of it until the cohort ends (rows that leave early do not give their
-part of the range back), and a cohort that finds no free range big enough gets K/V storage of its own (on CUDA it
-then runs without graphs). Under tensor parallelism one cohort decodes at a time.
+One model call per forward shape: each step every cohort runs up to its forward (`_Run.events(forwards=True)`
+hands it out as a `ForwardCall`), the forwards whose shapes match (`ModelRunner.merge_key`: same fed width and
+logit count; so per-row settings that leave the shape alone, such as temperature, top_p/top_k, seed, threshold,
+factor, steps, max_tokens, stop ids or remasking, do not split a step) run as one model call, projections, MLPs
+and logits batched over all their rows and attention per cohort over its own K/V storage, and then every cohort
+commits from its rows' logits. Forwards of other shapes (a block start beside in-block steps, another block
+length, the no-cache canvas of another length, guidance's doubled rows) run in the same step as separate calls:
+the rule is "same step, one call per shape". Not merged: a run whose cache hooks every layer (Elastic-Cache), a
+retried request (below), tensor parallelism, and forwards replayed by CUDA graphs (merged calls run eagerly, so
+on CUDA each cohort keeps its own graphed forward; no graph is recaptured when rows join or leave).
+
+Batch invariance: a cohort decodes as a static batch of its members would, rows leave a cohort without changing
+the others' arithmetic, and a merged call computes each row as its own cohort's call would, so at temperature 0
+in float32 a request's tokens do not depend on what else runs (tests/test_scheduler.py, every family and cache).
+
+K/V storage: the runner's pool is sized for `max_num_seqs` rows when the first cohort starts; each cohort holds a
+contiguous range of it until the cohort ends (rows that leave early do not give their part of the range back), and
+a cohort that finds no free range big enough gets K/V storage of its own (on CUDA it then runs without graphs).
+Under tensor parallelism one cohort decodes at a time.
 
 Failures: by default an exception in a cohort (its start or a step) closes that cohort and propagates
 (`LLM.step`). With `isolate=True` (the server) it does not: the cohort's unfinished requests are queued again at

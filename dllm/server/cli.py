@@ -26,16 +26,17 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="address to bind; 0.0.0.0 for every interface. Default: 127.0.0.1")
     g.add_argument("--port", type=int, default=8000, help="TCP port. Default: 8000")
     g.add_argument("--max-wait-ms", type=float, default=10.0,
-                   help="how long the oldest waiting request may wait for compatible requests to fill its batch "
-                        "(up to --max-batch-size) before decoding starts. Default: 10")
+                   help="when nothing decodes, how long the first arrival may wait for company (up to "
+                        "--max-batch-size requests) before decoding starts; while others decode, arrivals start at "
+                        "the next step. Default: 10")
     g.add_argument("--max-queue-size", type=int, default=256,
-                   help="most requests (one per choice) waiting for a batch; more are answered 429. Default: 256")
+                   help="most requests (one per choice) waiting for a slot; more are answered 429. Default: 256")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens of prompt + max_tokens a request may take; longer ones are answered 400. "
                         "Default: the model's context")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most canvas columns (prompt + max_tokens, doubled with cfg_scale, summed over rows) one batch "
-                        "holds: bounds the memory of a batch; a request over it alone is answered 400. "
+                   help="most canvas columns (prompt + max_tokens, doubled with cfg_scale, summed over rows) the "
+                        "decoding requests hold: bounds their memory; a request over it alone is answered 400. "
                         "Default: 2 x --max-batch-size x --max-model-len")
     g.add_argument("--max-num-cohorts", type=int, default=None,
                    help="most cohorts (requests admitted together with the same settings; each runs its own "

@@ -8,7 +8,7 @@ Scheduling is continuous batching: the event loop runs one scheduler step at a t
 between steps, hands the requests that arrived meanwhile to the scheduler and takes cancelled ones out of it. So
 a request that arrives while others decode starts at the next step (in a free slot; `max_batch_size` slots, a
 classifier-free-guidance request takes two), a finished or cancelled one frees its slot at the next step, and
-each step runs one forward per cohort of running requests that share their settings (see dllm/scheduler.py).
+each step runs one model call per forward shape over the running requests (see dllm/scheduler.py).
 When nothing decodes, the first arrival waits up to `max_wait_ms` (or until `max_batch_size` requests have come)
 so that a burst starts as one cohort. The running rows hold at most `max_num_batched_tokens` canvas columns
 (prompt + canvas, twice that with cfg_scale, summed over rows); `check_size` refuses a request that alone is over
