@@ -23,6 +23,11 @@ take views of a contiguous range of its slots (from an offset, part of a graph's
 stay valid from run to run and runs decoding side by side (the step scheduler's cohorts) never share rows. A run
 that finds no free range big enough gets storage of its own and runs eagerly; `release` gives its slots back.
 Logits returned by a graph live in its static output: they are valid until the next forward.
+
+`forward_merged` runs the same-shape forwards of several runs (the step scheduler's cohorts) as one model call:
+one batch through the projections, MLPs and logits, attention per run over its own K/V (`_MergedPlan`), so no
+run's storage moves and every row is computed as its own run's forward would. It runs eagerly: `merge_key`
+merges nothing when graphs are on, under tensor parallelism, or for plans that hook every layer.
 """
 from __future__ import annotations
 
