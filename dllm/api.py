@@ -217,12 +217,17 @@ class LLM:
         raise InvalidParameterError(f"a prompt must be a string, a list of token ids or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
     def _run(self, requests: list[Request], stream: bool = True) -> Iterator[StreamEvent]:
-        groups: dict[tuple, list[Request]] = {}
+        """Decode `requests` through a step scheduler of their own (`max_batch_size` slots): requests with the
+        same settings share forwards, and as rows finish, the next prompts take their slots at the next step."""
+        per_row = 2 if any(r.params.cfg_scale > 0 for r in requests) else 1   # guidance: two rows a prompt
+        scheduler = Scheduler(max_num_seqs=min(self.max_batch_size, len(requests)) * per_row, stream=stream)
         for r in requests:
-            groups.setdefault(r.params.batch_key(), []).append(r)
-        for group in groups.values():
-            for i in range(0, len(group), self.max_batch_size):
-                yield from self.engine.run(group[i:i + self.max_batch_size], stream=stream)
+            scheduler.add(self.engine, r)
+        try:
+            while scheduler.has_unfinished():
+                yield from scheduler.step()
+        finally:
+            scheduler.close()
 
 
 def _check_names(cache: str, strategy: str, cache_options: dict | None) -> None:

@@ -208,7 +208,9 @@ def build_llm(args: argparse.Namespace):
                revision=args.revision, trust_remote_code=args.trust_remote_code, max_batch_size=args.max_batch_size,
                cache_options=key_values(args.cache_option, "--cache-option"),
                strategy_options=key_values(args.strategy_option, "--strategy-option"),
-               enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+               enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+               load_format=getattr(args, "load_format", "safetensors"),   # (dllm serve's options)
+               skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False))
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

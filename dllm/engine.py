@@ -112,7 +112,12 @@ class Engine:
         for r in requests:
             self.check_request(r)
         with torch.no_grad():
-            yield from _Run(self, requests, stream).events()
+            yield from self.open_run(requests, stream).events()
+
+    def open_run(self, requests: list[Request], stream: bool = True, pool_rows: int = 0) -> "_Run":
+        """Start decoding `requests` (same batch key, checked): a run whose `events()` decode it step by step
+        (the step scheduler starts its cohorts here)."""
+        return _Run(self, requests, stream, pool_rows)
 
 
 class _Run:
@@ -150,11 +155,24 @@ class _Run:
         self.cache.attach(self.canvas, self.stop_ids, p)
         self.start_time = time.perf_counter()
 
-    def events(self, marks: bool = False) -> Iterator[StreamEvent | None]:
+    def events(self, marks: bool = False, forwards: bool = False) -> Iterator[StreamEvent | None | ForwardCall]:
         """The run's StreamEvents, step by step; with `marks`, a None after every step (the step scheduler runs
-        one step of each cohort at a time). The run's K/V slots are given back when it ends or is closed."""
+        one step of each cohort at a time); with `forwards`, each step's model forward is handed out as a
+        `ForwardCall` whose logits the caller sends back (`generator.send(logits)`), so that the step scheduler
+        can run the forwards of several runs as one. The run's K/V slots are given back when it ends or is
+        closed."""
         try:
-            yield from self._events(marks)
+            if forwards:
+                yield from self._events(marks)
+                return
+            gen = self._events(marks)
+            item = next(gen, _END)
+            while item is not _END:
+                if isinstance(item, ForwardCall):
+                    item = _send(gen, self.engine.runner.forward(*item.args))
+                else:
+                    yield item
+                    item = next(gen, _END)
         finally:
             self.close()
 
@@ -180,7 +198,7 @@ class _Run:
             for step in range(limit + 1):
                 if step == limit:
                     raise RuntimeError(f"strategy {self.strategy.name!r} made no progress in block {b}")
-                self._step(start, end, step)
+                yield from self._step(start, end, step)
                 first_mask, first_stop = canvas.status(self.stop_ids)
                 block_done = canvas.block_done(first_mask, end)
                 yield from self._emit(b, first_mask, first_stop)
@@ -201,7 +219,7 @@ class _Run:
         alive = c.alive(lo, hi)
         if alive is not None:
             masked &= alive
-        logits, plan = self._forward(start, end, step, lo, hi)
+        logits, plan = yield from self._forward(start, end, step, lo, hi)
         choosable = masked if plan.commit_mask is None else masked & plan.commit_mask
         edits = self.strategy.step(logits, choosable, [r.generator for r in self.rows], plan.first_only)
         if not isinstance(edits, StepEdits):
@@ -241,7 +259,7 @@ class _Run:
         else:
             ids, pos = tokens[:, plan.start:plan.end], positions[:, plan.start:plan.end]
             logits_index = self._slice_logits(lo, hi, plan.start, ids.shape[0])
-        logits = self.engine.runner.forward(ids, pos, plan, logits_index)
+        logits = yield ForwardCall(ids, pos, plan, logits_index)   # the runner's forward (events() runs it)
         fed = ids.shape[1]
         done = plan.kv_computations if plan.kv_computations is not None else fed * self.num_layers
         rows = len(self.rows)
@@ -329,6 +347,30 @@ class _Run:
         self.canvas.select_rows(idx)
         self.strategy.select_rows(idx)
         self.cache.select_rows(torch.cat([idx, idx + batch]) if self.cfg else idx)
+
+
+@dataclass(eq=False)
+class ForwardCall:
+    """One step's model forward of a run, as `ModelRunner.forward` takes it."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    plan: object
+    logits_index: torch.Tensor
+
+    @property
+    def args(self) -> tuple:
+        return self.ids, self.positions, self.plan, self.logits_index
+
+
+_END = object()
+
+
+def _send(gen, value):
+    try:
+        return gen.send(value)
+    except StopIteration:
+        return _END
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -23,6 +23,11 @@ take views of a contiguous range of its slots (from an offset, part of a graph's
 stay valid from run to run and runs decoding side by side (the step scheduler's cohorts) never share rows. A run
 that finds no free range big enough gets storage of its own and runs eagerly; `release` gives its slots back.
 Logits returned by a graph live in its static output: they are valid until the next forward.
+
+`forward_merged` runs the same-shape forwards of several runs (the step scheduler's cohorts) as one model call:
+one batch through the projections, MLPs and logits, attention per run over its own K/V (`_MergedPlan`), so no
+run's storage moves and every row is computed as its own run's forward would. It runs eagerly: `merge_key`
+merges nothing when graphs are on, under tensor parallelism, or for plans that hook every layer.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import torch
 
 import torch.distributed as dist
 
+from dllm.attention import attend
 from dllm.distributed import FORWARD, PREPARE, SELECT, DistributedError
 from dllm.kv import KVBuffers, KVPool
 from dllm.models.core import Transformer
@@ -67,6 +73,22 @@ class _StepPlan:
         kb.scatter_(2, where, k)
         vb.scatter_(2, where, v)
         return kb, vb
+
+
+class _MergedPlan:
+    """The attention of a merged forward: rows [start, start + n) of the batch are one run's, attending under
+    that run's `_StepPlan` (its own K/V storage and mask)."""
+
+    def __init__(self, parts: list[tuple[_StepPlan, int]]):
+        self.parts = parts
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs, start = [], 0
+        for plan, n in self.parts:
+            kb, vb = plan.kv(layer, k[start:start + n], v[start:start + n])
+            outs.append(attend(q[start:start + n], kb, vb, plan.attn_mask))
+            start += n
+        return torch.cat(outs)
 
 
 @dataclass
@@ -230,6 +252,27 @@ class ModelRunner:
         if self.group is not None:
             logits = gather_logits(self.group, logits)
         return logits[:rows]
+
+    def merge_key(self, ids: torch.Tensor, plan, logits_index: torch.Tensor) -> tuple | None:
+        """Forwards (of different runs) with equal keys can run as one `forward_merged`; None: this one runs by
+        itself. Merged forwards run eagerly, so with CUDA graphs (and under tensor parallelism, and for plans
+        that hook every layer) nothing is merged."""
+        if self.use_graphs or self.group is not None or hasattr(plan, "attention") or hasattr(plan, "layer_input"):
+            return None
+        return ids.shape[1], logits_index.shape[1], ids.device
+
+    def forward_merged(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """Several runs' forwards (`forward`'s arguments each, equal `merge_key`s) as one model call: the
+        projections, MLPs and logits batched over all their rows, attention per run over its own K/V storage.
+        Returns each call's logits."""
+        if len(calls) == 1:
+            return [self.forward(*calls[0])]
+        inputs = [self._canonical(*call) for call in calls]
+        rows = [i.ids.shape[0] for i in inputs]
+        plan = _MergedPlan([(_StepPlan(i.write, i.mask, i.buffers), n) for i, n in zip(inputs, rows)])
+        logits = self.model(torch.cat([i.ids for i in inputs]), torch.cat([i.positions for i in inputs]), plan,
+                            logits_index=torch.cat([i.logits_index for i in inputs]), rope_table=self.rope)
+        return list(logits.split(rows))
 
     def serve_command(self, fields: tuple) -> None:
         """A worker rank: carry out one of rank 0's commands (see dllm/distributed.py)."""

@@ -1,29 +1,54 @@
 """The step scheduler: requests join and leave decoding at every step, not once per batch.
 
     scheduler.add(engine, request)         queue a request (checked now: a bad one is refused here, alone)
-    events = scheduler.step()               admit waiting requests into free slots, then one forward per cohort
+    events = scheduler.step()               admit waiting requests into free slots, then one step of every cohort
     scheduler.abort(request_id)             a waiting request is dropped; a running one leaves at the next step
+    scheduler.close()                       drop every waiting and running request (their K/V slots go back)
+
+Everything decodes through it: `LLM.generate` / `LLM.stream` (a scheduler of their own per call, so more prompts
+than slots stream through the slots), `LLM.add_request` / `LLM.step`, and `dllm serve` (one for the server,
+stepped by its worker; see dllm/server/engine_client.py).
 
 A *cohort* is the requests admitted together at one step with the same engine (cache and strategy) and the same
 `SamplingParams.batch_key()`: they share one canvas and one forward a step, exactly like a static batch. Every
 step the scheduler first admits waiting requests, oldest first, into free slots (`max_num_seqs` rows across all
-cohorts; a classifier-free-guidance request takes two), then advances every running cohort by one step. A
-request that arrives while others decode therefore starts at the next step instead of after the whole batch,
-and a row that finishes (stop token final or region full) or is aborted frees its slot for the next step's
-admission.
+cohorts; a classifier-free-guidance request takes two, or decodes alone when there is one), then advances every
+running cohort by one step. A request that arrives while others decode therefore starts at the next step instead
+of after the whole batch, and a row that finishes (stop token final or region full) or is aborted frees its slot
+for the next step's admission. `max_num_batched_tokens`, when set, also bounds the canvas columns (prompt +
+max_tokens, twice under guidance) of the running rows, and `max_num_cohorts` the cohorts running at once
+(arrivals then wait for a cohort to end and start together, in bigger cohorts).
 
 Admission is first come, first served: the oldest waiting request heads the queue, and the cohort it starts takes
 the later waiting requests that share its settings, in arrival order, up to the free slots. If the head does not
 fit, nobody is admitted until it does, so no request is passed over more than once per cohort admitted ahead of
-it (a bound, not starvation). Requests with other settings decode side by side in their own cohorts, each step
-running one forward per cohort (forwards of different cohorts are not merged yet).
+it (a bound, not starvation).
 
-Batch invariance: a cohort decodes as a static batch of its members would, and rows leave a cohort without
-changing the others' arithmetic, so at temperature 0 in float32 a request's tokens do not depend on what else runs
-(tests/test_scheduler.py). K/V storage: the runner's pool is sized for `max_num_seqs` rows when the first cohort
-starts; each cohort holds a contiguous range of it until the cohort ends (rows that leave early do not give their
-part of the range back), and a cohort that finds no free range big enough gets K/V storage of its own (on CUDA it
-then runs without graphs). Under tensor parallelism one cohort decodes at a time.
+One model call per forward shape: each step every cohort runs up to its forward (`_Run.events(forwards=True)`
+hands it out as a `ForwardCall`), the forwards whose shapes match (`ModelRunner.merge_key`: same fed width and
+logit count; so per-row settings that leave the shape alone, such as temperature, top_p/top_k, seed, threshold,
+factor, steps, max_tokens, stop ids or remasking, do not split a step) run as one model call, projections, MLPs
+and logits batched over all their rows and attention per cohort over its own K/V storage, and then every cohort
+commits from its rows' logits. Forwards of other shapes (a block start beside in-block steps, another block
+length, the no-cache canvas of another length, guidance's doubled rows) run in the same step as separate calls:
+the rule is "same step, one call per shape". Not merged: a run whose cache hooks every layer (Elastic-Cache), a
+retried request (below), tensor parallelism, and forwards replayed by CUDA graphs (merged calls run eagerly, so
+on CUDA each cohort keeps its own graphed forward; no graph is recaptured when rows join or leave).
+
+Batch invariance: a cohort decodes as a static batch of its members would, rows leave a cohort without changing
+the others' arithmetic, and a merged call computes each row as its own cohort's call would, so at temperature 0
+in float32 a request's tokens do not depend on what else runs (tests/test_scheduler.py, every family and cache).
+
+K/V storage: the runner's pool is sized for `max_num_seqs` rows when the first cohort starts; each cohort holds a
+contiguous range of it until the cohort ends (rows that leave early do not give their part of the range back), and
+a cohort that finds no free range big enough gets K/V storage of its own (on CUDA it then runs without graphs).
+Under tensor parallelism one cohort decodes at a time.
+
+Failures: by default an exception in a cohort (its start or a step) closes that cohort and propagates
+(`LLM.step`). With `isolate=True` (the server) it does not: the cohort's unfinished requests are queued again at
+the head of the queue, each to decode alone (`Failure(..., retried=True)`: its events start over from the first
+step, the same ones again under the same seed), and a request that fails alone is given up (`retried=False`);
+`take_failures()` hands them over after each step. The other cohorts decode on.
 """
 from __future__ import annotations
 
@@ -33,9 +58,25 @@ from dataclasses import dataclass
 
 import torch
 
-from dllm.engine import Engine, Request, _Run
+from dllm.engine import _END, Engine, ForwardCall, Request, _Run, _send
 from dllm.errors import InvalidParameterError
 from dllm.outputs import StreamEvent
+
+
+@dataclass
+class Failure:
+    """A request whose cohort raised (`isolate=True`): queued again to decode alone (`retried`), or given up."""
+
+    request_id: str
+    error: Exception
+    retried: bool
+
+
+@dataclass(eq=False)
+class _Waiting:
+    engine: Engine
+    request: Request
+    alone: bool = False     # a retry after a failed cohort: it decodes in a cohort of its own
 
 
 @dataclass(eq=False)
@@ -43,39 +84,52 @@ class _Cohort:
     run: _Run
     events: object          # the run's step-marked event generator
     per_row: int            # slots a row takes (2 under classifier-free guidance)
-    open: set[str]          # its requests that have not finished
+    open: dict[str, _Waiting]  # its requests that have not finished
+    alone: bool = False
+
+    @property
+    def columns(self) -> int:
+        return sum(columns(w.request) for w in self.open.values())
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int = 32, stream: bool = True):
-        if not isinstance(max_num_seqs, int) or isinstance(max_num_seqs, bool) or max_num_seqs < 1:
-            raise InvalidParameterError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
-        self.max_num_seqs, self.stream = max_num_seqs, stream
-        self.waiting: collections.deque[tuple[Engine, Request]] = collections.deque()
+    def __init__(self, max_num_seqs: int = 32, stream: bool = True, max_num_batched_tokens: int | None = None,
+                 isolate: bool = False, max_num_cohorts: int | None = None):
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_num_cohorts", max_num_cohorts)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
+        self.max_num_seqs, self.stream, self.isolate = max_num_seqs, stream, isolate
+        self.max_num_batched_tokens, self.max_num_cohorts = max_num_batched_tokens, max_num_cohorts
+        self.waiting: collections.deque[_Waiting] = collections.deque()
         self.cohorts: list[_Cohort] = []
         self.num_steps = 0
+        self.num_forwards = 0                     # model calls (merged forwards count once)
+        self.slot_steps = 0                       # slots in use summed over steps: utilisation = / (steps x slots)
+        self.admitted: list[list[Request]] = []   # the cohorts the latest step admitted
+        self.failures: list[Failure] = []
 
     # ------------------------------------------------------------------ queue
 
     def add(self, engine: Engine, request: Request) -> None:
         engine.check_request(request)
-        if _slots(request) > self.max_num_seqs:
-            raise InvalidParameterError(f"a request with cfg_scale > 0 takes 2 slots and max_num_seqs is "
-                                        f"{self.max_num_seqs}; raise max_num_seqs or set cfg_scale=0")
+        if self.max_num_batched_tokens is not None and columns(request) > self.max_num_batched_tokens:
+            raise InvalidParameterError(f"this request takes {columns(request)} canvas columns, more than "
+                                        f"max_num_batched_tokens {self.max_num_batched_tokens}; lower max_tokens")
         if request.arrival is None:
             request.arrival = time.perf_counter()
-        self.waiting.append((engine, request))
+        self.waiting.append(_Waiting(engine, request))
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting request, or take a running one out of its cohort (its slot is free at the next step).
         True if it was found unfinished."""
-        for i, (_, request) in enumerate(self.waiting):
-            if request.request_id == request_id:
+        for i, w in enumerate(self.waiting):
+            if w.request.request_id == request_id:
                 del self.waiting[i]
                 return True
         for cohort in self.cohorts:
             if request_id in cohort.open:
-                cohort.open.discard(request_id)
+                del cohort.open[request_id]
                 cohort.run.drop({request_id})
                 if not cohort.open:
                     self._close(cohort)
@@ -84,7 +138,7 @@ class Scheduler:
 
     def has(self, request_id: str) -> bool:
         """Whether `request_id` is queued or decoding."""
-        return any(r.request_id == request_id for _, r in self.waiting) or any(
+        return any(w.request.request_id == request_id for w in self.waiting) or any(
             request_id in c.open for c in self.cohorts)
 
     @property
@@ -99,63 +153,162 @@ class Scheduler:
     def slots_in_use(self) -> int:
         return sum(len(c.open) * c.per_row for c in self.cohorts)
 
+    @property
+    def columns_in_use(self) -> int:
+        return sum(c.columns for c in self.cohorts)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.cohorts)
+
+    def take_failures(self) -> list[Failure]:
+        failures, self.failures = self.failures, []
+        return failures
+
+    def close(self) -> None:
+        """Drop every waiting and running request; the running ones give their K/V slots back."""
+        self.waiting.clear()
+        for cohort in list(self.cohorts):
+            self._close(cohort)
 
     # ------------------------------------------------------------------ steps
 
     def step(self) -> list[StreamEvent]:
-        """Admit what fits, then one step (one forward) of every cohort; the events of that step."""
+        """Admit what fits, then one step of every cohort: each runs up to its forward, the forwards that can
+        share one model call run as one (`ModelRunner.merge_key`), then each commits; the events of that step."""
+        self.admitted = []
         self._admit()
+        self.slot_steps += self.slots_in_use
         events: list[StreamEvent] = []
         with torch.no_grad():
-            for cohort in list(self.cohorts):
+            calls: list[tuple[_Cohort, ForwardCall]] = []
+            for cohort in list(self.cohorts):             # each cohort up to its forward
+                call = self._guard(cohort, lambda c=cohort: self._until_forward(c, events))
+                if call is not None:
+                    calls.append((cohort, call))
+            groups: dict[object, list[tuple[_Cohort, ForwardCall]]] = {}
+            for cohort, call in calls:
+                key = None if cohort.alone else cohort.run.engine.runner.merge_key(call.ids, call.plan,
+                                                                                  call.logits_index)
+                groups.setdefault(key if key is not None else id(cohort), []).append((cohort, call))
+            self.num_forwards += len(groups)
+            for group in groups.values():                 # one model call per group, then each commits
+                runner = group[0][0].run.engine.runner
                 try:
-                    events.extend(self._advance(cohort))
+                    logits = runner.forward_merged([call.args for _, call in group])
+                except Exception as exc:
+                    for cohort, _ in group:
+                        self._failed(cohort, exc)
+                    continue
                 except BaseException:
-                    self._close(cohort)
+                    for cohort, _ in group:
+                        self._close(cohort)
                     raise
+                for (cohort, _), out in zip(group, logits):
+                    self._guard(cohort, lambda c=cohort, o=out: self._after_forward(c, o, events))
         self.num_steps += 1
         return events
 
-    def _advance(self, cohort: _Cohort) -> list[StreamEvent]:
-        out = []
-        for event in cohort.events:
-            if event is None:        # the end of this cohort's step
-                return out
-            if event.request_id in cohort.open:
-                out.append(event)
-                if event.output is not None:
-                    cohort.open.discard(event.request_id)
-        self._close(cohort)          # the run is over
-        return out
+    def _guard(self, cohort: _Cohort, work):
+        try:
+            return work()
+        except Exception as exc:
+            self._failed(cohort, exc)
+        except BaseException:
+            self._close(cohort)
+            raise
+
+    def _failed(self, cohort: _Cohort, exc: Exception) -> None:
+        self._close(cohort)
+        if not self.isolate:
+            raise exc
+        self._fail(list(cohort.open.values()), exc, cohort.alone)
+
+    def _until_forward(self, cohort: _Cohort, out: list[StreamEvent]) -> ForwardCall | None:
+        """Run `cohort` up to its next forward (None: it ended)."""
+        item = next(cohort.events, _END)
+        while not isinstance(item, ForwardCall):
+            if item is _END:
+                self._close(cohort)
+                return None
+            self._keep(cohort, item, out)
+            item = next(cohort.events, _END)
+        return item
+
+    def _after_forward(self, cohort: _Cohort, logits: torch.Tensor, out: list[StreamEvent]) -> None:
+        """Hand `cohort` its forward's logits and run it to the end of its step."""
+        item = _send(cohort.events, logits)
+        while item is not None:                # the end of this cohort's step
+            if item is _END:
+                self._close(cohort)
+                return
+            self._keep(cohort, item, out)
+            item = next(cohort.events, _END)
+
+    @staticmethod
+    def _keep(cohort: _Cohort, event: StreamEvent, out: list[StreamEvent]) -> None:
+        if event.request_id in cohort.open:
+            out.append(event)
+            if event.output is not None:
+                del cohort.open[event.request_id]
 
     def _admit(self) -> None:
         free = self.max_num_seqs - self.slots_in_use
+        budget = None if self.max_num_batched_tokens is None else self.max_num_batched_tokens - self.columns_in_use
         while self.waiting:
-            engine, head = self.waiting[0]
+            head = self.waiting[0]
+            engine = head.engine
             if engine.runner.group is not None and self.cohorts:
                 return                   # tensor parallelism: one cohort at a time
-            key = head.params.batch_key()
-            members, need = [], 0
-            for e, r in self.waiting:
-                if e is engine and r.params.batch_key() == key and need + _slots(r) <= free:
-                    members.append(r)
-                    need += _slots(r)
+            if self.max_num_cohorts is not None and len(self.cohorts) >= self.max_num_cohorts:
+                return                   # as many forwards a step as allowed: wait for a cohort to end
+            key = head.request.params.batch_key()
+            members, need, cols = [], 0, 0
+            for w in ([head] if head.alone else self.waiting):   # a retry decodes alone
+                r = w.request
+                fits = need + _slots(r) <= free or not (self.cohorts or members)   # (guidance at 1 slot: alone)
+                if (w.engine is engine and not w.alone and r.params.batch_key() == key or w is head) and fits \
+                        and (budget is None or cols + columns(r) <= budget):
+                    members.append(w)
+                    need, cols = need + _slots(r), cols + columns(r)
             if not members or members[0] is not head:
                 return                   # the oldest does not fit: nobody goes ahead of it
-            taken = {r.request_id for r in members}
-            self.waiting = collections.deque((e, r) for e, r in self.waiting if r.request_id not in taken)
-            with torch.no_grad():
-                run = _Run(engine, members, self.stream, pool_rows=0 if self.cohorts else self.max_num_seqs)
-            self.cohorts.append(_Cohort(run, run.events(marks=True), _slots(head), taken))
+            taken = set(map(id, members))
+            self.waiting = collections.deque(w for w in self.waiting if id(w) not in taken)
+            requests = [w.request for w in members]
+            try:
+                with torch.no_grad():
+                    run = engine.open_run(requests, self.stream, pool_rows=0 if self.cohorts else self.max_num_seqs)
+            except Exception as exc:
+                if not self.isolate:
+                    raise
+                self._fail(members, exc, head.alone)
+                continue
+            self.cohorts.append(_Cohort(run, run.events(marks=True, forwards=True), _slots(head.request),
+                                        {w.request.request_id: w for w in members}, head.alone))
+            self.admitted.append(requests)
             free -= need
+            if budget is not None:
+                budget -= cols
+
+    def _fail(self, members: list[_Waiting], exc: Exception, alone: bool) -> None:
+        """A cohort raised: give up a request that decoded alone; queue the others again, alone, at the head."""
+        if alone or len(members) == 1:
+            self.failures.extend(Failure(w.request.request_id, exc, False) for w in members)
+            return
+        for w in reversed(members):      # at the head, in arrival order
+            self.waiting.appendleft(_Waiting(w.engine, w.request, alone=True))
+        self.failures.extend(Failure(w.request.request_id, exc, True) for w in members)
 
     def _close(self, cohort: _Cohort) -> None:
         if cohort in self.cohorts:
             self.cohorts.remove(cohort)
         cohort.events.close()
         cohort.run.close()               # its K/V slots go back (also when it never ran a step)
+
+
+def columns(request: Request) -> int:
+    """The canvas columns `request` takes: prompt + max_tokens, twice with classifier-free guidance."""
+    return (len(request.prompt_token_ids) + request.params.max_tokens) * _slots(request)
 
 
 def _slots(request: Request) -> int:

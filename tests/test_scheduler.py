@@ -108,8 +108,6 @@ def test_bad_requests_are_refused_when_added(tiny_llada):
     llm = LLM(str(tiny_llada), strategy="reference", device="cpu", max_batch_size=1)
     with pytest.raises(InvalidParameterError, match="exceeds the model's context"):
         llm.add_request([5] * 10, SamplingParams(max_tokens=4096))
-    with pytest.raises(InvalidParameterError, match="cfg_scale > 0 takes 2 slots"):
-        llm.add_request([5, 6], SamplingParams(max_tokens=8, block_length=8, cfg_scale=1.0))
     rid = llm.add_request([5, 6], SamplingParams(**SHORT), request_id="mine")
     with pytest.raises(InvalidParameterError, match="already queued"):
         llm.add_request([5, 6], SamplingParams(**SHORT), request_id="mine")
@@ -129,3 +127,138 @@ def test_a_cohort_longer_than_the_pool_gets_its_own_storage(tiny_llada):
     outputs = _drain(llm)
     assert outputs[b].outputs[0].token_ids == llm.generate([[8, 9, 10] * 40], long_params)[0].outputs[0].token_ids
     assert outputs[a].outputs[0].token_ids == llm.generate([[5, 6, 7]], short)[0].outputs[0].token_ids
+
+
+def test_generate_streams_more_prompts_than_slots_through_the_scheduler(tiny_llada, monkeypatch):
+    """`LLM.generate` with more prompts than slots and two settings: cohorts start as slots free up (not after
+    the whole previous batch), run side by side, and every output equals its prompt decoded alone."""
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=3)
+    short, long_params = SamplingParams(**SHORT, steps=8), SamplingParams(**LONG, steps=32)
+    prompts = [[5 + i, 6, 7] for i in range(7)]
+    params = [long_params if i == 0 else short for i in range(7)]
+    starts, real_open = [], llm.engine.open_run
+
+    def open_run(requests, *args, **kwargs):
+        starts.append((len(requests), len(llm.engine.runner.taken)))   # (cohort size, cohorts already running)
+        return real_open(requests, *args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "open_run", open_run)
+    outputs = llm.generate(prompts, params)
+    monkeypatch.undo()
+    assert all(size <= 3 for size, _ in starts) and sum(size for size, _ in starts) == 7
+    assert any(running > 0 for _, running in starts[1:])      # a cohort joined while another decoded
+    for prompt, p, out in zip(prompts, params, outputs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == llm.generate([prompt], p)[0].outputs[0].token_ids
+    streamed = {}
+    for event in llm.stream(prompts, params):
+        streamed.setdefault(event.request_id, []).extend(event.delta_token_ids)
+    assert sorted(map(tuple, streamed.values())) == sorted(tuple(o.outputs[0].token_ids) for o in outputs)
+    assert llm.engine.runner.taken == {}
+
+
+def test_max_num_cohorts_and_batched_tokens_bound_what_runs_at_once(tiny_llada):
+    from dllm.scheduler import Scheduler, columns
+
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=8)
+    settings = [SamplingParams(**SHORT, steps=8), SamplingParams(max_tokens=16, block_length=8, steps=16,
+                                                                 ignore_eos=True, seed=4)]
+    requests = [llm._request([5 + i, 6, 7], settings[i % 2]) for i in range(6)]
+    budget = 2 * columns(requests[1])
+    scheduler = Scheduler(max_num_seqs=8, max_num_cohorts=1, max_num_batched_tokens=budget)
+    for r in requests:
+        scheduler.add(llm.engine, r)
+    outputs = {}
+    while scheduler.has_unfinished():
+        for event in scheduler.step():
+            if event.output is not None:
+                outputs[event.request_id] = event.output
+        assert len(scheduler.cohorts) <= 1 and scheduler.columns_in_use <= budget
+    assert scheduler.num_steps > 0 and scheduler.slot_steps > 0
+    for r in requests:
+        alone = llm.generate([r.prompt_token_ids], settings[int(r.request_id) % 2])[0]
+        assert outputs[r.request_id].outputs[0].token_ids == alone.outputs[0].token_ids
+    with pytest.raises(InvalidParameterError, match="max_num_batched_tokens"):
+        Scheduler(max_num_batched_tokens=4).add(llm.engine, requests[0])
+    with pytest.raises(InvalidParameterError, match="max_num_cohorts"):
+        Scheduler(max_num_cohorts=0)
+
+
+def test_isolate_retries_a_failed_cohort_one_request_at_a_time(tiny_llada, monkeypatch):
+    """With isolate=True a cohort that raises is closed, its requests queued again alone (their events start
+    over), a request that fails alone is given up, and the rest decode to their own tokens."""
+    from dllm.scheduler import Scheduler
+
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=4)
+    params = SamplingParams(**LONG, steps=32)
+    requests = [llm._request(p, params) for p in ([5, 6, 7], [66, 6, 7], [8, 9, 10])]   # 66: the poison
+    real_open, sizes = llm.engine.open_run, []
+
+    def open_run(batch, *args, **kwargs):
+        run = real_open(batch, *args, **kwargs)
+        sizes.append(len(batch))
+        if any(r.prompt_token_ids[0] == 66 for r in batch):
+            real_step, count = run.strategy.step, [0]
+
+            def step(*args, **kwargs):           # the run breaks at its third step
+                count[0] += 1
+                if count[0] > 2:
+                    raise RuntimeError("poisoned")
+                return real_step(*args, **kwargs)
+            run.strategy.step = step
+        return run
+
+    monkeypatch.setattr(llm.engine, "open_run", open_run)
+    scheduler = Scheduler(max_num_seqs=4, isolate=True)
+    for r in requests:
+        scheduler.add(llm.engine, r)
+    tokens, failures = {}, []
+    while scheduler.has_unfinished():
+        for event in scheduler.step():
+            tokens.setdefault(event.request_id, []).extend(event.delta_token_ids)
+        for f in scheduler.take_failures():
+            failures.append((f.request_id, f.retried, str(f.error)))
+            if f.retried:
+                tokens.pop(f.request_id, None)    # its events start over
+    monkeypatch.undo()
+    ids = [r.request_id for r in requests]
+    assert sizes == [3, 1, 1, 1]
+    assert sorted(failures) == sorted([(i, True, "poisoned") for i in ids] + [(ids[1], False, "poisoned")])
+    assert set(tokens) >= {ids[0], ids[2]}
+    for r in (requests[0], requests[2]):
+        assert tokens[r.request_id] == llm.generate([r.prompt_token_ids], params)[0].outputs[0].token_ids
+    assert llm.engine.runner.taken == {}
+    with pytest.raises(RuntimeError, match="poisoned"):      # without isolate (LLM.step) the error propagates
+        monkeypatch.setattr(llm.engine, "open_run", open_run)
+        llm.add_request([66, 6, 7], params)
+        while llm.has_unfinished_requests():
+            llm.step()
+    assert not llm.scheduler.cohorts
+
+
+@pytest.mark.parametrize("fixture,cache", CASES)
+def test_cohorts_with_one_forward_shape_share_one_model_call(request, fixture, cache):
+    """Two cohorts one step apart (same settings and prompt length): once their forwards have the same shape
+    they run as one model call (rows of both, attention per cohort over its own K/V), and each request's
+    tokens equal decoding it alone."""
+    llm = LLM(str(request.getfixturevalue(fixture)), cache=cache, strategy="reference", device="cpu",
+              dtype="float32", max_batch_size=4)
+    one_a_step = dict(steps=8, remasking="low_confidence_static") if fixture == "tiny_sdar" else {"steps": 32}
+    params = SamplingParams(**LONG, **one_a_step)
+    first = llm.add_request([5, 6, 7, 8], params)
+    llm.step()
+    second = llm.add_request([9, 10, 11, 12], params)
+    cohort_steps, outputs = 1, {}
+    while llm.has_unfinished_requests():
+        cohort_steps += len(llm.scheduler.cohorts) + len(llm.scheduler.waiting)
+        for event in llm.step():
+            if event.output is not None:
+                outputs[event.request_id] = event.output
+    merged = cohort_steps - llm.scheduler.num_forwards
+    print(f"{fixture} {cache}: {llm.scheduler.num_forwards} model calls for {cohort_steps} cohort steps")
+    if cache != "elastic":       # (its plans hook every layer: never merged)
+        assert merged > 0
+    else:
+        assert merged == 0
+    for rid, prompt in ((first, [5, 6, 7, 8]), (second, [9, 10, 11, 12])):
+        assert outputs[rid].outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids

@@ -423,33 +423,123 @@ def test_503_once_the_engine_client_is_shut_down(llm_factory):
     assert health.status_code == 503
 
 
-def test_a_batch_whose_requests_are_all_cancelled_stops_at_its_next_step(llm_factory, monkeypatch):
+def _step_log(client) -> list:
+    """Wrap the client's scheduler step: (steps so far, request ids admitted at it, request ids running after)."""
+    log, real_step = [], client.scheduler.step
+
+    def step():
+        events = real_step()
+        s = client.scheduler
+        log.append((s.num_steps, [r.request_id for c in s.admitted for r in c],
+                    sorted(rid for c in s.cohorts for rid in c.open)))
+        return events
+
+    client.scheduler.step = step
+    return log
+
+
+def test_a_batch_whose_requests_are_all_cancelled_stops_at_its_next_step(llm_factory):
     from dllm.engine import Request
     from dllm.server.engine_client import EngineClient
 
     llm = llm_factory()
-    steps = []
-    real_run = llm.engine.run
-
-    def counting_run(requests):
-        for event in real_run(requests):
-            steps.append(event.block_index)
-            yield event
+    seen = []
 
     async def go():
         client = EngineClient(llm, max_wait_ms=0)
-        monkeypatch.setattr(llm.engine, "run", counting_run)
         await client.start()
         params = llm.engine.resolve(SamplingParams(max_tokens=256, block_length=8, ignore_eos=True))
         handle = client.submit([(llm.engine, Request("long", llm.tokenizer.encode("hi"), params))])
         async for _ in handle:  # the first final text: the batch is running
+            seen.append(client.scheduler.num_steps)
             handle.cancel()
         while client.num_running:
             await asyncio.sleep(0.01)
+        seen.append(client.scheduler.num_steps)
         await client.shutdown()
 
     asyncio.run(go())
-    assert 1 <= len(steps) < 10, f"the cancelled batch went on for {len(steps)} events (256 forwards in all)"
+    first, last = seen
+    assert last <= first + 2, f"the cancelled request went on for {last - first} steps after its cancel"
+
+
+def test_a_request_sent_while_another_decodes_starts_and_ends_before_it(llm_factory):
+    """Continuous batching: a short request that arrives while a long one decodes joins at the next step and
+    finishes long before the long one (timestamps of their events); the long one's tokens are its own."""
+    from dllm.engine import Request
+    from dllm.server.engine_client import EngineClient
+
+    llm = llm_factory()
+    times: dict[str, list[float]] = {"long": [], "short": []}
+    outputs = {}
+
+    async def read(handle, name):
+        async for event in handle:
+            times[name].append(time.perf_counter())
+            if event.output is not None:
+                outputs[name] = event.output
+
+    async def go():
+        client = EngineClient(llm, max_wait_ms=0)
+        log = _step_log(client)
+        await client.start()
+        long = llm.engine.resolve(SamplingParams(max_tokens=256, block_length=8, ignore_eos=True, seed=0))
+        short = llm.engine.resolve(SamplingParams(max_tokens=8, block_length=8, ignore_eos=True, seed=0))
+        first = asyncio.ensure_future(read(client.submit(
+            [(llm.engine, Request("long", llm.tokenizer.encode("a long story"), long))]), "long"))
+        while not times["long"]:                       # the long request is decoding
+            await asyncio.sleep(0.001)
+        sent, sent_step = time.perf_counter(), client.scheduler.num_steps
+        second = asyncio.ensure_future(read(client.submit(
+            [(llm.engine, Request("short", llm.tokenizer.encode("hi"), short))]), "short"))
+        await asyncio.gather(first, second)
+        await client.shutdown()
+        return sent, sent_step, log
+
+    sent, sent_step, log = asyncio.run(go())
+    admitted = next(step for step, ids, _ in log if "short" in ids)
+    assert admitted <= sent_step + 2, "the short request waited for more than the step in flight"
+    assert any("long" in running and "short" in running for _, _, running in log)   # decoded side by side
+    assert sent < times["short"][0] < times["short"][-1] < times["long"][-1]
+    assert times["short"][-1] - sent < (times["long"][-1] - times["long"][0]) / 4
+    alone = llm.generate([llm.tokenizer.encode("a long story")],
+                         SamplingParams(max_tokens=256, block_length=8, ignore_eos=True, seed=0))[0]
+    assert outputs["long"].outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_a_cancelled_request_frees_its_slot_at_the_next_step(llm_factory):
+    from dllm.engine import Request
+    from dllm.server.engine_client import EngineClient
+
+    llm = llm_factory()
+
+    async def go():
+        client = EngineClient(llm, max_batch_size=1, max_wait_ms=0)
+        log = _step_log(client)
+        await client.start()
+        params = llm.engine.resolve(SamplingParams(max_tokens=256, block_length=8, ignore_eos=True))
+        first = client.submit([(llm.engine, Request("first", llm.tokenizer.encode("hi"), params))])
+        while client.num_running < 1:
+            await asyncio.sleep(0.001)
+        second = client.submit([(llm.engine, Request("second", llm.tokenizer.encode("ho"), params))])
+        while client.num_waiting < 1 or client.scheduler.num_waiting < 1:   # in the scheduler, no free slot
+            await asyncio.sleep(0.001)
+        metrics = client.metrics.render()
+        assert "dllm_slots_in_use 1" in metrics and "dllm_slot_utilization 1" in metrics
+        cancelled_at = client.scheduler.num_steps
+        first.cancel()
+        async for _ in second:    # the second decodes, in the freed slot
+            break
+        second.cancel()
+        while client.num_running:
+            await asyncio.sleep(0.01)
+        await client.shutdown()
+        return cancelled_at, log
+
+    cancelled_at, log = asyncio.run(go())
+    admitted = next(step for step, ids, _ in log if "second" in ids)
+    assert admitted <= cancelled_at + 2
+    assert all(len(running) <= 1 for _, _, running in log)   # one slot: never two rows at once
 
 
 def test_bugs_answer_500_with_an_openai_body_and_no_traceback(llm_factory, monkeypatch):
@@ -463,7 +553,7 @@ def test_bugs_answer_500_with_an_openai_body_and_no_traceback(llm_factory, monke
         await client.start()
         async with _asgi(app) as http:
             with monkeypatch.context() as m:  # a failure inside decoding
-                m.setattr(client.llm.engine, "run", lambda requests: (_ for _ in ()).throw(RuntimeError("boom")))
+                m.setattr(client.llm.engine, "open_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
                 in_engine = await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8})
             with monkeypatch.context() as m:  # a bug in the serving layer
                 m.setattr(serving_common.OpenAIServing, "prepare", lambda *a: {}["missing"])

@@ -232,20 +232,26 @@ def test_a_batch_that_fails_is_retried_one_request_at_a_time(srv, llm, monkeypat
     """A request that passes validation but breaks decoding (simulated: the engine raises, mid-batch, whenever
     the poisoned prompt is in the batch) fails alone; its neighbours get exactly their own tokens, streamed or not."""
     poison = llm.tokenizer.encode("poison!", add_special_tokens=False)
-    real_run = llm.engine.run
+    real_open = llm.engine.open_run
 
     calls = []
 
-    def run(requests, stream=True):
-        events = real_run(requests, stream)
+    def open_run(requests, stream=True, pool_rows=0):
+        run = real_open(requests, stream, pool_rows)
         bad = any(r.prompt_token_ids[-len(poison):] == poison for r in requests)
         calls.append((len(requests), bad))
-        for i, event in enumerate(events):
-            if bad and i >= 2:  # after some events were already streamed to the neighbours
-                raise RuntimeError("poisoned\nsecond line")
-            yield event
+        if bad:
+            real_step, count = run.strategy.step, [0]
 
-    monkeypatch.setattr(llm.engine, "run", run)
+            def step(*args, **kwargs):   # after some events were already streamed to the neighbours
+                count[0] += 1
+                if count[0] > 2:
+                    raise RuntimeError("poisoned\nsecond line")
+                return real_step(*args, **kwargs)
+            run.strategy.step = step
+        return run
+
+    monkeypatch.setattr(llm.engine, "open_run", open_run)
     good = [_good(i) for i in range(20, 24)]
     bodies = good[:2] + [{**_good(99), "prompt": "poison!"}] + good[2:]
     streamed_body = {**_good(30), "stream": True}
@@ -258,7 +264,7 @@ def test_a_batch_that_fails_is_retried_one_request_at_a_time(srv, llm, monkeypat
             return await asyncio.gather(*(http.post(f"{srv.url}/v1/completions", json=b) for b in bodies), stream())
 
     *responses, lines = asyncio.run(go())
-    monkeypatch.setattr(llm.engine, "run", real_run)
+    monkeypatch.setattr(llm.engine, "open_run", real_open)
     failed = responses[2]
     assert failed.status_code == 500 and failed.json()["error"]["code"] == "engine_error"
     assert "\n" not in failed.json()["error"]["message"]
@@ -289,13 +295,13 @@ def test_max_num_batched_tokens_splits_batches_and_refuses_oversized_requests(ll
         models = httpx.get(f"{srv.url}/v1/models", timeout=10).json()
         assert models["data"][0]["max_model_len"] == 40
         sizes = []
-        real_run = llm.engine.run
-        llm.engine.run = lambda requests, stream=True: (sizes.append(len(requests)), real_run(requests, stream))[1]
-        try:  # each request takes 6 + 16 = 22 columns: at most 2 fit in 60
+        real_open = llm.engine.open_run
+        llm.engine.open_run = lambda requests, *a, **k: (sizes.append(len(requests)), real_open(requests, *a, **k))[1]
+        try:  # each request takes 6 + 16 = 22 columns: at most 2 decode at once in 60
             responses = asyncio.run(_concurrent(srv.url, [{**_good(i), "prompt": "abcde", "max_tokens": 16}
                                                           for i in range(5)]))
         finally:
-            del llm.engine.run
+            del llm.engine.open_run
         assert all(r.status_code == 200 for r in responses)
         assert max(sizes) == 2 and sum(sizes) == 5, sizes
     finally:

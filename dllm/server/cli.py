@@ -26,17 +26,22 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="address to bind; 0.0.0.0 for every interface. Default: 127.0.0.1")
     g.add_argument("--port", type=int, default=8000, help="TCP port. Default: 8000")
     g.add_argument("--max-wait-ms", type=float, default=10.0,
-                   help="how long the oldest waiting request may wait for compatible requests to fill its batch "
-                        "(up to --max-batch-size) before decoding starts. Default: 10")
+                   help="when nothing decodes, how long the first arrival may wait for company (up to "
+                        "--max-batch-size requests) before decoding starts; while others decode, arrivals start at "
+                        "the next step. Default: 10")
     g.add_argument("--max-queue-size", type=int, default=256,
-                   help="most requests (one per choice) waiting for a batch; more are answered 429. Default: 256")
+                   help="most requests (one per choice) waiting for a slot; more are answered 429. Default: 256")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens of prompt + max_tokens a request may take; longer ones are answered 400. "
                         "Default: the model's context")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most canvas columns (prompt + max_tokens, doubled with cfg_scale, summed over rows) one batch "
-                        "holds: bounds the memory of a batch; a request over it alone is answered 400. "
+                   help="most canvas columns (prompt + max_tokens, doubled with cfg_scale, summed over rows) the "
+                        "decoding requests hold: bounds their memory; a request over it alone is answered 400. "
                         "Default: 2 x --max-batch-size x --max-model-len")
+    g.add_argument("--max-num-cohorts", type=int, default=None,
+                   help="most cohorts (requests admitted together with the same settings; each runs its own "
+                        "forward every step) decoding at once; later arrivals wait for one to end. Bounds the "
+                        "time a step takes under mixed settings. Default: no bound")
     g.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health. Default: $DLLM_API_KEY, "
                         "else no key")
@@ -48,6 +53,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "(a stream: an error event, then [DONE]) and the server exits 0. Default: 30")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level. Default: info")
+    g.add_argument("--load-format", default="safetensors", choices=("safetensors", "dummy"),
+                   help="dummy: random weights in the checkpoint's shape (config.json alone suffices), for load "
+                        "tests and benchmarks. Default: safetensors")
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: prompts must be token ids (/v1/completions) and answers carry no text, "
+                        "only usage and (with return_token_ids) token ids")
     return p
 
 
@@ -65,7 +76,7 @@ def run_serve(args: argparse.Namespace) -> None:
     llm = build_llm(args)
     client = EngineClient(llm, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                           max_queue_size=args.max_queue_size, max_model_len=args.max_model_len,
-                          max_num_batched_tokens=args.max_num_batched_tokens)
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_cohorts=args.max_num_cohorts)
     names = args.served_model_name or [args.model]
     app = build_app(client, names, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)
     logger.info("serving %s as %s on http://%s:%d/v1 (cache=%s, strategy=%s, max batch %d, max wait %g ms%s)",
@@ -114,7 +125,7 @@ def _check(args: argparse.Namespace) -> None:
         raise DllmError("--max-batch-size and --max-queue-size must be positive")
     if args.max_wait_ms < 0 or args.shutdown_timeout < 0:
         raise DllmError("--max-wait-ms and --shutdown-timeout must be >= 0")
-    for name in ("max_model_len", "max_num_batched_tokens"):
+    for name in ("max_model_len", "max_num_batched_tokens", "max_num_cohorts"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DllmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")

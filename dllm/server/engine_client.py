@@ -1,23 +1,27 @@
-"""The async front of the engine: a batching queue on the event loop, one worker thread that owns the decoding.
+"""The async front of the engine: the server's step scheduler (dllm/scheduler.py), stepped by one worker thread.
 
     submit([(engine, request), ...]) -> RequestHandle        (on the event loop; raises 429 / 503 ApiErrors)
     async for event in handle: ...                          StreamEvents of those requests, as they happen
     handle.cancel([request_id])                             drop the rest of its events (client gone, stop hit)
 
-Scheduling: waiting requests are grouped by batch key (engine cache and strategy + `SamplingParams.batch_key()`:
-requests that can share one canvas). When the worker is free, the group holding the oldest waiting request
-runs next, as soon as it has `max_batch_size` requests or its oldest request has waited `max_wait_ms`; other
-groups wait their turn (queued, never refused, up to `max_queue_size` waiting requests in all). A batch also
-holds at most `max_num_batched_tokens` canvas columns (prompt + canvas, twice that with cfg_scale, summed over
-its rows); `check_size` refuses a request that alone is over it, or over `max_model_len`.
+Scheduling is continuous batching: the event loop runs one scheduler step at a time on the worker thread and,
+between steps, hands the requests that arrived meanwhile to the scheduler and takes cancelled ones out of it. So
+a request that arrives while others decode starts at the next step (in a free slot; `max_batch_size` slots, a
+classifier-free-guidance request takes two), a finished or cancelled one frees its slot at the next step, and
+each step runs one model call per forward shape over the running requests (see dllm/scheduler.py).
+When nothing decodes, the first arrival waits up to `max_wait_ms` (or until `max_batch_size` requests have come)
+so that a burst starts as one cohort. The running rows hold at most `max_num_batched_tokens` canvas columns
+(prompt + canvas, twice that with cfg_scale, summed over rows); `check_size` refuses a request that alone is over
+it, or over `max_model_len`. Requests the slots cannot take yet wait, oldest first (up to `max_queue_size` in
+all; more are refused with 429).
 
-Isolation: a batch that fails (the engine raised) is decoded again one request at a time, so only the faulty
+Isolation: a cohort that fails (the engine raised) is decoded again one request at a time, so only the faulty
 request fails. Every request carries a seed (serving_common.py gives one to requests without), so the replay
-reproduces what the batch already streamed; those events are skipped and the rest follows.
+reproduces what the cohort already streamed; those events are skipped and the rest follows.
 
 Shutdown: `drain(timeout_s)` (on SIGTERM/SIGINT) refuses new requests with 503 and lets the queued and running
 ones finish; past `timeout_s` it ends each of them with a 503 `ApiError` (the stream then sends its error event
-and `[DONE]`) and abandons the running batch at its next step.
+and `[DONE]`) and drops the running ones after the current step.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from http import HTTPStatus
 from dllm.engine import Engine, Request
 from dllm.errors import DllmError
 from dllm.outputs import StreamEvent
+from dllm.scheduler import Failure, Scheduler, columns
 from dllm.server.errors import ApiError, EngineFailedError, QueueFullError, ServerClosingError
 from dllm.server.metrics import ServerMetrics
 
@@ -49,14 +54,12 @@ class _Item:
     engine: Engine
     handle: "RequestHandle"
     arrival: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False  # set on the loop thread, read by the worker thread
+    cancelled: bool = False  # set by the handle's reader
     cancel_reason: str = "cancelled"  # the finish_reason metrics record for it
     done: bool = False
     has_text: bool = False
-
-    @property
-    def key(self) -> tuple:
-        return self.engine.cache_name, self.engine.strategy_name, self.request.params.batch_key()
+    delivered: int = 0       # events handed to the handle
+    skip: int = 0            # events of a replay (a retry alone) that were delivered already
 
 
 class RequestHandle:
@@ -98,9 +101,11 @@ class RequestHandle:
 
 class EngineClient:
     def __init__(self, llm, *, max_batch_size: int = 32, max_wait_ms: float = 10.0, max_queue_size: int = 256,
-                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None):
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
+                 max_num_cohorts: int | None = None):
         for name, value in (("max_batch_size", max_batch_size), ("max_queue_size", max_queue_size),
-                            ("max_model_len", max_model_len), ("max_num_batched_tokens", max_num_batched_tokens)):
+                            ("max_model_len", max_model_len), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_num_cohorts", max_num_cohorts)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise DllmError(f"{name} must be a positive integer, got {value!r}")
         if max_wait_ms < 0:
@@ -113,24 +118,30 @@ class EngineClient:
         self.max_model_len = max_model_len or context
         self.max_num_batched_tokens = max_num_batched_tokens or max_batch_size * 2 * self.max_model_len
         self.max_batch_size, self.max_wait_s, self.max_queue_size = max_batch_size, max_wait_ms / 1000, max_queue_size
-        self.metrics = ServerMetrics(lambda: self.num_waiting, lambda: self.num_running)
+        # touched by the worker thread during a step and by the event loop only between steps
+        self.scheduler = Scheduler(max_num_seqs=max_batch_size, max_num_batched_tokens=self.max_num_batched_tokens,
+                                   isolate=True, max_num_cohorts=max_num_cohorts)
         self._engines = {(llm.engine.cache_name, llm.engine.strategy_name): llm.engine}
-        self._waiting: dict[tuple, collections.deque[_Item]] = {}
-        self._running: dict[str, _Item] = {}
+        self._incoming: collections.deque[_Item] = collections.deque()   # not yet handed to the scheduler
+        self._items: dict[str, _Item] = {}                                 # in the scheduler, unfinished
+        self._counts = (0, 0, 0)   # the scheduler's (waiting, running, slots in use) after the latest step
+        self.metrics = ServerMetrics(lambda: self.num_waiting, lambda: self.num_running,
+                                     lambda: self._counts[2], max_batch_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dllm-engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._closing = False   # the worker abandons its batch at the next step
+        self._closing = False   # the running requests are dropped after the current step
         self._draining = False  # no new requests
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(group) for group in self._waiting.values())
+        """Engine requests not decoding yet: arrived since the latest step, or waiting for a slot."""
+        return len(self._incoming) + self._counts[0]
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return self._counts[1]
 
     @property
     def is_ready(self) -> bool:
@@ -139,8 +150,7 @@ class EngineClient:
     @staticmethod
     def columns(request: Request) -> int:
         """The canvas columns `request` takes in a batch: prompt + canvas, twice with classifier-free guidance."""
-        n = len(request.prompt_token_ids) + request.params.max_tokens
-        return n * (2 if request.params.cfg_scale > 0 else 1)
+        return columns(request)
 
     def check_request_count(self, count: int) -> None:
         """Refuse (400) one HTTP request that needs more engine requests than the queue holds."""
@@ -185,7 +195,7 @@ class EngineClient:
     def submit(self, requests: list[tuple[Engine, Request]]) -> RequestHandle:
         if not self.is_ready:
             if self._task is not None and self._task.done() and not self._closing and not self._draining:
-                raise ApiError("the engine's batch scheduler stopped after an error (see the server log); restart "
+                raise ApiError("the engine's scheduler stopped after an error (see the server log); restart "
                                "the server", HTTPStatus.SERVICE_UNAVAILABLE, code="engine_stopped")
             raise ServerClosingError()
         self.check_request_count(len(requests))
@@ -196,7 +206,7 @@ class EngineClient:
         for engine, request in requests:
             item = _Item(request, engine, handle)
             handle.items[request.request_id] = item
-            self._waiting.setdefault(item.key, collections.deque()).append(item)
+            self._incoming.append(item)
         self._wakeup.set()
         return handle
 
@@ -205,167 +215,175 @@ class EngineClient:
         end each of them with a 503 error. True when everything finished in time."""
         self._draining = True
         deadline = time.monotonic() + timeout_s
-        while (self._waiting or self._running) and time.monotonic() < deadline and not self._closing:
+        while (self._incoming or self._items) and time.monotonic() < deadline and not self._closing:
             await asyncio.sleep(0.05)
-        clean = not (self._waiting or self._running)
+        clean = not (self._incoming or self._items)
         if not clean:
             logger.warning("%d requests still in flight after the %g s shutdown timeout; answering them 503",
-                           self.num_waiting + self.num_running, timeout_s)
+                           len(self._incoming) + len(self._items), timeout_s)
         self.abort_all()
         return clean
 
     def abort_all(self) -> None:
-        """End every queued and running request with a 503 `ServerClosingError`; the worker abandons its batch
-        at the next step."""
+        """End every queued and running request with a 503 `ServerClosingError`; the running ones are dropped
+        after the current step."""
         self._closing = True
-        for item in [*(i for group in self._waiting.values() for i in group), *self._running.values()]:
+        for item in [*self._incoming, *self._items.values()]:
             if not item.cancelled and not item.done:
                 item.cancelled, item.cancel_reason = True, "abort"
                 item.handle._put(ServerClosingError())
-        self._waiting.clear()
+        self._incoming.clear()
         if self._wakeup is not None:
             self._wakeup.set()
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Refuse new requests, fail the waiting and running ones with 503, abandon the running batch at its
-        next step, and wait up to `timeout_s` for the worker to notice."""
+        """Refuse new requests, fail the waiting and running ones with 503, drop the running ones after the
+        current step, and wait up to `timeout_s` for the worker to notice."""
         self.abort_all()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except asyncio.TimeoutError:
-                logger.warning("the running batch did not stop within %.0f s; leaving it behind", timeout_s)
+                logger.warning("the running step did not end within %.0f s; leaving it behind", timeout_s)
         self._executor.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ the loop: hand over, step, deliver
 
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while (batch := await self._next_batch()) is not None:
-                self._start_batch(batch)
-                errors = await loop.run_in_executor(self._executor, self._run_batch, batch)
-                self._end_batch(batch, errors)
+            while await self._has_work():
+                self._hand_over()
+                if not self.scheduler.has_unfinished():
+                    continue
+                start = time.perf_counter()
+                events = await loop.run_in_executor(self._executor, self.scheduler.step)
+                self._after_step(events, start)
         except Exception as exc:  # a bug here: answer everyone now rather than leave them waiting forever
-            logger.exception("the batch scheduler stopped")
-            for item in [*self._running.values(), *(i for group in self._waiting.values() for i in group)]:
-                item.handle._put(EngineFailedError(exc))
-            self._running.clear()
-            self._waiting.clear()
+            logger.exception("the scheduler stopped")
+            for item in [*self._items.values(), *self._incoming]:
+                if not item.done:
+                    item.handle._put(EngineFailedError(exc))
+            self._items.clear()
+            self._incoming.clear()
+        finally:
+            self.scheduler.close()   # (no step is running: every step is awaited)
+            self._counts = (0, 0, 0)
+            self._items.clear()
 
-    async def _next_batch(self) -> list[_Item] | None:
+    async def _has_work(self) -> bool:
+        """Wait until there is something to do: a step to run, or (when nothing decodes) arrivals that waited
+        `max_wait_ms` or fill `max_batch_size`. False when the client is closing."""
         while not self._closing:
             self._drop_cancelled()
+            self._drop_cancelled_items()
+            if self.scheduler.has_unfinished():
+                return True
             wait = None
-            if self._waiting:
-                key, group = min(self._waiting.items(), key=lambda kv: kv[1][0].arrival)
-                wait = group[0].arrival + self.max_wait_s - time.perf_counter()
-                if len(group) >= self.max_batch_size or wait <= 0:
-                    return self._take(key)
+            if self._incoming:
+                wait = self._incoming[0].arrival + self.max_wait_s - time.perf_counter()
+                if len(self._incoming) >= self.max_batch_size or wait <= 0:
+                    return True
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), wait)
             except asyncio.TimeoutError:
                 pass
-        return None
+        return False
 
     def _drop_cancelled(self) -> None:
-        for key in list(self._waiting):
-            group = self._waiting[key]
-            kept = collections.deque(item for item in group if not item.cancelled)
-            for item in group:
+        """Arrivals cancelled before they reached the scheduler."""
+        if any(item.cancelled for item in self._incoming):
+            for item in self._incoming:
                 if item.cancelled:
                     self.metrics.requests_finished.inc(1, item.cancel_reason)
-            if kept:
-                self._waiting[key] = kept
-            else:
-                del self._waiting[key]
+            self._incoming = collections.deque(item for item in self._incoming if not item.cancelled)
 
-    def _take(self, key: tuple) -> list[_Item]:
-        group = self._waiting[key]
-        batch = [group.popleft()]
-        columns = self.columns(batch[0].request)
-        while group and len(batch) < self.max_batch_size:
-            need = self.columns(group[0].request)
-            if columns + need > self.max_num_batched_tokens:
-                break
-            columns += need
-            batch.append(group.popleft())
-        if not group:
-            del self._waiting[key]
-        return batch
+    def _drop_cancelled_items(self) -> None:
+        """Cancelled requests leave the scheduler: their slots are free at the next step."""
+        for rid, item in list(self._items.items()):
+            if item.cancelled:
+                self.scheduler.abort(rid)
+                del self._items[rid]
+                if not item.done:
+                    self.metrics.requests_finished.inc(1, item.cancel_reason)
+        self._count()
 
-    def _start_batch(self, batch: list[_Item]) -> None:
-        now = time.perf_counter()
-        for item in batch:
-            self._running[item.request.request_id] = item
-            self.metrics.queue_time.observe(now - item.arrival)
-        self.metrics.batches.inc()
-        self.metrics.batch_size.observe(len(batch))
+    def _hand_over(self) -> None:
+        """Between steps: cancelled requests out, arrivals in (checked again by the scheduler)."""
+        self._drop_cancelled()
+        self._drop_cancelled_items()
+        while self._incoming:
+            item = self._incoming.popleft()
+            try:
+                self.scheduler.add(item.engine, item.request)
+            except DllmError as exc:
+                item.done = True
+                item.handle._put(ApiError(str(exc)))
+                continue
+            self._items[item.request.request_id] = item
+        self._count()
 
-    def _run_batch(self, batch: list[_Item]) -> dict[str, ApiError]:
-        """Worker thread: decode one batch, handing every event to the loop; if it fails, decode its unfinished
-        requests again one at a time, so that only a faulty request fails. Returns the error of each request
-        that failed."""
-        delivered: dict[str, int] = {}
-        finished: set[str] = set()
-        error = self._decode(batch, delivered, finished)
-        if error is None:
-            return {}
-        pending = [i for i in batch if i.request.request_id not in finished and not i.cancelled]
-        if len(batch) == 1 or self._closing:
-            return {i.request.request_id: error for i in pending}
-        logger.warning("a batch of %d requests failed; decoding its %d unfinished requests one at a time",
-                       len(batch), len(pending))
-        errors = {}
-        for item in pending:
-            if self._closing:   # abort_all has answered every running request already
-                break
+    def _count(self) -> None:
+        s = self.scheduler
+        self._counts = (s.num_waiting, s.num_running, s.slots_in_use)
+
+    def _after_step(self, events: list[StreamEvent], start: float) -> None:
+        m = self.metrics
+        m.steps.inc()
+        m.slot_steps.inc(self._counts[2])
+        for requests in self.scheduler.admitted:
+            m.batches.inc()
+            m.batch_size.observe(len(requests))
+            for r in requests:
+                item = self._items.get(r.request_id)
+                if item is not None:
+                    m.queue_time.observe(start - item.arrival)
+        for failure in self.scheduler.take_failures():
+            self._failed(failure)
+        for event in events:
+            self._deliver(event)
+        self._count()
+
+    def _failed(self, failure: Failure) -> None:
+        item = self._items.get(failure.request_id)
+        exc = failure.error
+        if failure.retried:
+            logger.warning("a cohort failed (%s: %r); decoding its request %s again alone", type(exc).__name__,
+                           str(exc)[:200], failure.request_id)
+            if item is not None:
+                item.skip = item.delivered
+            return
+        if isinstance(exc, DllmError):
+            error = ApiError(str(exc))
+        else:  # a bug, a device failure or a request the checks let through
+            logger.error("decoding request %s failed: %s: %r", failure.request_id, type(exc).__name__,
+                         str(exc)[:500], exc_info=(type(exc), exc, exc.__traceback__)
+                         if logger.isEnabledFor(logging.DEBUG) else None)
+            error = EngineFailedError(exc)
+        if item is not None:
+            del self._items[failure.request_id]
             if not item.cancelled:
-                alone = self._decode([item], delivered, finished)
-                if alone is not None:
-                    errors[item.request.request_id] = alone
-        return errors
-
-    def _decode(self, batch: list[_Item], delivered: dict[str, int], finished: set[str]) -> ApiError | None:
-        """Decode `batch`, handing its events to the loop, except each request's first `delivered[id]` ones (a
-        replay: the same seed gives the same events); returns the error that ended it."""
-        skip = {i.request.request_id: delivered.get(i.request.request_id, 0) for i in batch}
-        events = iter(())
-        try:
-            events = batch[0].engine.run([item.request for item in batch])
-            for event in events:
-                rid = event.request_id
-                if skip.get(rid, 0) > 0:
-                    skip[rid] -= 1
-                    if event.output is None:
-                        continue
-                    event = dataclasses.replace(event, delta_text="", delta_token_ids=[])  # never drop the end
-                delivered[rid] = delivered.get(rid, 0) + 1
-                self._loop.call_soon_threadsafe(self._deliver, event)
-                if event.output is not None:
-                    finished.add(rid)
-                if self._closing or all(i.cancelled or i.request.request_id in finished for i in batch):
-                    break
-        except DllmError as exc:
-            return ApiError(str(exc))
-        except Exception as exc:  # a bug, a device failure or a request the checks let through
-            logger.error("decoding a batch of %d requests failed: %s: %r", len(batch), type(exc).__name__,
-                         str(exc)[:500], exc_info=logger.isEnabledFor(logging.DEBUG))
-            return EngineFailedError(exc)
-        finally:
-            if hasattr(events, "close"):
-                events.close()
-        return None
+                item.done = True
+                item.handle._put(error)
 
     def _deliver(self, event: StreamEvent) -> None:
-        item = self._running.get(event.request_id)
+        item = self._items.get(event.request_id)
         if item is None or item.cancelled:
             return
+        if item.skip > 0:   # a replay of what was delivered before its cohort failed
+            item.skip -= 1
+            if event.output is None:
+                return
+            event = dataclasses.replace(event, delta_text="", delta_token_ids=[])   # never drop the end
+        item.delivered += 1
         now = time.perf_counter()
         if not item.has_text and (event.delta_text or event.output is not None):
             item.has_text = True
             self.metrics.first_text.observe(now - item.arrival)
         if event.output is not None:
             item.done = True
+            del self._items[event.request_id]
             out, m = event.output, self.metrics
             m.requests_finished.inc(1, out.finish_reason)
             m.prompt_tokens.inc(len(out.prompt_token_ids))
@@ -374,13 +392,3 @@ class EngineClient:
             m.remasked.inc(out.metrics.num_remasked)
             m.latency.observe(now - item.arrival)
         item.handle._put(event)
-
-    def _end_batch(self, batch: list[_Item], errors: dict[str, ApiError]) -> None:
-        for item in batch:
-            self._running.pop(item.request.request_id, None)
-            if item.cancelled and not item.done:
-                self.metrics.requests_finished.inc(1, item.cancel_reason)
-            elif not item.done:
-                item.handle._put(errors.get(item.request.request_id) or (
-                    ServerClosingError() if self._closing else EngineFailedError(
-                        RuntimeError("the batch ended without an output for this request"))))

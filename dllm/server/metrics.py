@@ -93,9 +93,11 @@ class Histogram(_Metric):
 
 
 class ServerMetrics:
-    """Everything `GET /metrics` shows. `queue_depth` and `num_running` read the engine client's state."""
+    """Everything `GET /metrics` shows. `queue_depth`, `num_running` and `slots_in_use` read the engine client's
+    state (its step scheduler's, as of the latest step); `num_slots` is its --max-batch-size."""
 
-    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, num_running: Callable[[], int] = lambda: 0):
+    def __init__(self, queue_depth: Callable[[], int] = lambda: 0, num_running: Callable[[], int] = lambda: 0,
+                 slots_in_use: Callable[[], int] = lambda: 0, num_slots: int = 1):
         self.http_requests = Counter("dllm_http_requests_total", "HTTP requests answered, by route and status",
                                      ("path", "status"))
         self.requests_finished = Counter("dllm_requests_finished_total",
@@ -107,21 +109,32 @@ class ServerMetrics:
         self.nfe = Counter("dllm_nfe_total", "Model forward calls of finished engine requests, summed per request")
         self.remasked = Counter("dllm_remasked_tokens_total",
                                 "Committed tokens turned back into MASK by remasking strategies (saber)")
-        self.batches = Counter("dllm_batches_total", "Engine batches run")
-        self.batch_size = Histogram("dllm_batch_size", "Engine requests decoded together in one batch", BATCH_BUCKETS)
-        self.queue_time = Histogram("dllm_request_queue_seconds", "Time from arrival to the start of its batch",
+        self.batches = Counter("dllm_batches_total", "Cohorts started: engine requests admitted together at one "
+                               "scheduler step with the same settings (they share a forward a step)")
+        self.batch_size = Histogram("dllm_batch_size", "Engine requests per cohort started", BATCH_BUCKETS)
+        self.queue_time = Histogram("dllm_request_queue_seconds", "Time from arrival to the step that admits it",
                                     LATENCY_BUCKETS)
+        self.steps = Counter("dllm_scheduler_steps_total", "Scheduler steps run (one forward per running cohort)")
+        self.slot_steps = Counter("dllm_slot_steps_total", "Slots in use summed over scheduler steps (mean slot "
+                                  "utilisation = this / (dllm_scheduler_steps_total x dllm_num_slots))")
         self.first_text = Histogram("dllm_time_to_first_token_seconds",
                                     "Time from arrival to the first final text (or the end) of a request",
                                     LATENCY_BUCKETS)
         self.latency = Histogram("dllm_request_latency_seconds", "Time from arrival to the final output",
                                  LATENCY_BUCKETS)
-        self.waiting = Gauge("dllm_num_requests_waiting", "Engine requests queued, not yet in a batch", queue_depth)
-        self.running = Gauge("dllm_num_requests_running", "Engine requests in the batch being decoded", num_running)
+        self.waiting = Gauge("dllm_num_requests_waiting", "Engine requests queued, not decoding yet (no free slot "
+                             "or arrived during the current step)", queue_depth)
+        self.running = Gauge("dllm_num_requests_running", "Engine requests decoding (holding slots)", num_running)
+        self.num_slots = Gauge("dllm_num_slots", "Decoding slots (rows; --max-batch-size)", lambda: num_slots)
+        self.slots_used = Gauge("dllm_slots_in_use", "Slots held by decoding requests (2 for a cfg_scale request)",
+                                slots_in_use)
+        self.slot_utilisation = Gauge("dllm_slot_utilization", "Fraction of the slots in use now",
+                                      lambda: slots_in_use() / num_slots)
         self.max_batch = Gauge("dllm_batch_size_max", "Largest batch run since start", lambda: self.batch_size.max)
 
     def render(self) -> str:
         metrics = (self.http_requests, self.requests_finished, self.prompt_tokens, self.generation_tokens, self.nfe,
                    self.remasked, self.batches, self.batch_size, self.max_batch, self.queue_time, self.first_text, self.latency,
-                   self.waiting, self.running)
+                   self.waiting, self.running, self.steps, self.slot_steps, self.num_slots, self.slots_used,
+                   self.slot_utilisation)
         return "\n".join(line for m in metrics for line in m.render()) + "\n"

@@ -90,6 +90,9 @@ class OpenAIServing:
         return requested
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ApiError("this server loaded no tokenizer (--skip-tokenizer-init); send the prompt as token ids "
+                           "to /v1/completions", param="prompt")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def prepare(self, body: DllmOptions, prompts: list[Prompt], prefix: str, prompt_param: str) -> Generation:
@@ -208,6 +211,8 @@ def _canvas_length(requested: int | None, block_length: int | None, divisible: b
 
 
 def _decoder(tokenizer, skip_special_tokens: bool):
+    if tokenizer is None:   # --skip-tokenizer-init: no text, only token ids and usage
+        return lambda ids: ""
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
