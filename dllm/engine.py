@@ -112,7 +112,13 @@ class Engine:
         for r in requests:
             self.check_request(r)
         with torch.no_grad():
-            yield from _Run(self, requests, stream).events()
+            yield from self.make_run(requests, stream).events()
+
+    def make_run(self, requests: list[Request], stream: bool = True, pool_rows: int = 0):
+        """A decoding run over `requests`: the canvas loop, or the strategy's own loop when it declares one
+        (TiDAR's draft-verify-predraft loop, `decoding/tidar_run.py`); both have events / drop / close."""
+        run_class = getattr(self.strategy_cls, "run_class", None)
+        return (run_class() if run_class else _Run)(self, requests, stream, pool_rows=pool_rows)
 
 
 class _Run:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dllm.engine import Engine, Request, _Run
+from dllm.engine import Engine, Request, _Run  # noqa: F401  (_Run: the type of a canvas run)
 from dllm.errors import InvalidParameterError
 from dllm.outputs import StreamEvent
 
@@ -147,7 +147,7 @@ class Scheduler:
             taken = {r.request_id for r in members}
             self.waiting = collections.deque((e, r) for e, r in self.waiting if r.request_id not in taken)
             with torch.no_grad():
-                run = _Run(engine, members, self.stream, pool_rows=0 if self.cohorts else self.max_num_seqs)
+                run = engine.make_run(members, self.stream, pool_rows=0 if self.cohorts else self.max_num_seqs)
             self.cohorts.append(_Cohort(run, run.events(marks=True), _slots(head), taken))
             free -= need
 
