@@ -55,7 +55,7 @@ class TiDARStrategy(Strategy):
                                         "their own strategies (README: Decoding strategies)")
         defaults = SamplingParams()
         for name in ("steps", "remasking", "threshold", "factor", "alg", "alg_temp", "eps", "entropy_bound",
-                     "cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf", "top_p", "top_k", "block_length"):
+                     "cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf", "top_p", "top_k"):
             if getattr(params, name, None) != getattr(defaults, name, None):
                 raise InvalidParameterError(f"{name} does not apply to strategy '{cls.name}' (it reads "
                                             "temperature, max_tokens and the stop settings); leave it unset")
