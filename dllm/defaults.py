@@ -10,6 +10,7 @@ alone is the family's published sampler, token for token.
 from __future__ import annotations
 
 AUTO = "auto"
+# TiDAR: its own decoding (not measured: greedy TiDAR emits exactly the tokens of its AR decoding, in fewer forwards)
 DEFAULT_STRATEGY = {"llada": "factor", "dream": "threshold", "sdar": "factor", "tidar": "tidar"}
 # (family, strategy) -> the fastest cache within 1 point on every zoo task; others get EXACT_CACHE.
 MEASURED_CACHE = {("llada", "factor"): "freecache", ("llada", "threshold"): "freecache",
