@@ -34,6 +34,7 @@ class _Row:
         self.request, self.generator = request, generator
         self.token_ids: list[int] = []
         self.nfe = 0
+        self.kv_per_step: list[int] = []   # token x layer K/V computed by each forward it was in
         self.drafted = 0
         self.accepted = 0
         self.emitted_tokens = 0
@@ -167,6 +168,7 @@ class TiDARRun:
     def _forward(self, ids, positions, write, visible, logits_index) -> torch.Tensor:
         for row in self.rows:
             row.nfe += 1
+            row.kv_per_step.append(ids.shape[1] * self.num_layers)
         plan = _Plan(self.buffers, write, visible[:, None])
         return self.engine.runner.forward(ids, positions, plan, logits_index).float()
 
@@ -239,7 +241,11 @@ class TiDARRun:
         latency = time.perf_counter() - (r.arrival or self.start_time)
         stats = {"draft_length": self.k, "drafted_tokens": row.drafted, "accepted_tokens": row.accepted,
                  "accepted_per_step": round(row.accepted / max(1, row.nfe - 1), 3)}
-        metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency, strategy_stats=stats)
+        # kv_fraction: against recomputing the whole sequence (prompt + generated) at every forward
+        full = row.nfe * (len(r.prompt_token_ids) + len(row.token_ids)) * self.num_layers
+        metrics = RequestMetrics(nfe=row.nfe, num_tokens=len(row.token_ids), latency_s=latency,
+                                 kv_computations=sum(row.kv_per_step), kv_fraction=sum(row.kv_per_step) / full,
+                                 kv_computations_per_step=row.kv_per_step, strategy_stats=stats)
         return RequestOutput(r.request_id, r.prompt, list(r.prompt_token_ids),
                              [CompletionOutput(0, text, list(row.token_ids), row.finish)], metrics)
 
