@@ -62,6 +62,10 @@ class TiDARRun:
         self.closed = False
         self.num_layers = engine.loaded.arch.num_layers
         self.start_time = time.perf_counter()
+        self.pending: torch.Tensor | None = None   # [B] the last committed token (K/V not cached yet)
+        self.length: torch.Tensor | None = None    # [B] cached columns (= the pending token's position)
+        self.drafts: torch.Tensor | None = None    # [B, k] drafts for positions length+1..length+k
+        self.q: torch.Tensor | None = None         # [B, k, V] their distributions (sampling only)
         self.last_ar_logits = None   # [B, k+1, V] of the last step (tests compare them with an uncached forward)
 
     # ------------------------------------------------------------------ the engine's run interface
@@ -94,83 +98,77 @@ class TiDARRun:
             yield from self._emit()
 
     def _prefill(self) -> None:
-        """Prompt (causal) + one branch after it: the first AR token and the first drafts."""
-        b, k, dev = len(self.rows), self.k, self.device
+        """The prompt (causal; rows right-padded, padding never visible to a real query) + one branch after it: the
+        first token and the first drafts; no draft to verify."""
+        b, dev = len(self.rows), self.device
         lens = torch.tensor([len(x) for x in self.prompts], device=dev)
-        width = int(lens.max())
-        ids = torch.full((b, width), self.spec.pad_id, dtype=torch.long, device=dev)
+        ids = torch.full((b, int(lens.max())), self.spec.pad_id, dtype=torch.long, device=dev)
         for i, x in enumerate(self.prompts):
             ids[i, :len(x)] = torch.tensor(x, device=dev)
-        cols = torch.arange(width, device=dev).expand(b, -1)
-        visible = _keys(self.width, dev)[None, None, :] <= cols[:, :, None]             # [B, W, K] causal
-        ar_index = (lens - 1)[:, None]
-        self.length = lens.clone()
-        if k == 0:
-            self.drafts = torch.zeros(b, 0, dtype=torch.long, device=dev)
-            logits = self._forward(ids, cols, cols, visible, ar_index)
-            self.last_ar_logits = logits
-            self._commit(torch.zeros(b, 0, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
-                         self._sample(logits[:, 0]))
-            return
-        branch = self._branches(lens - 1, 1)                                            # one branch, j = 0
-        logits = self._forward(torch.cat([ids, branch.ids], 1), torch.cat([cols, branch.positions], 1),
-                               torch.cat([cols, branch.write], 1), torch.cat([visible, branch.mask], 1),
-                               torch.cat([ar_index, width + branch.logit_rows], 1))
-        self.last_ar_logits = logits[:, :1]
-        token = self._sample(logits[:, 0])
-        self._commit(torch.zeros(b, 0, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
-                     token)
-        self._take_drafts(logits[:, 1:].unsqueeze(1), torch.zeros(b, dtype=torch.long, device=dev))
+        self.length = lens                                          # the prompt's K/V is cached by this forward
+        self.drafts = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        cols = torch.arange(ids.shape[1], device=dev).expand(b, -1)
+        self._forward_and_commit(ids, cols, (lens - 1)[:, None], lens - 1, int(self.k > 0))
 
     def _step(self) -> None:
+        """[pending token, drafts] (causal) + k+1 branches: verify, commit, take the next drafts."""
         b, k, dev = len(self.rows), self.k, self.device
-        n = self.length                                                                 # [B] position of t
-        causal_ids = torch.cat([self.pending[:, None], self.drafts], 1)                 # [B, k+1]
-        pos = n[:, None] + torch.arange(k + 1, device=dev)                              # [B, k+1]
-        visible = _keys(self.width, dev)[None, None, :] <= pos[:, :, None]
-        ar_index = torch.arange(k + 1, device=dev).expand(b, -1)
-        if k == 0:
-            logits = self._forward(causal_ids, pos, pos, visible, ar_index)
-            self.last_ar_logits = logits
-            self._commit(self.drafts, torch.zeros(b, dtype=torch.long, device=dev), self._sample(logits[:, 0]))
-            return
-        branch = self._branches(n, k + 1)
-        logits = self._forward(torch.cat([causal_ids, branch.ids], 1), torch.cat([pos, branch.positions], 1),
-                               torch.cat([pos, branch.write], 1), torch.cat([visible, branch.mask], 1),
-                               torch.cat([ar_index, k + 1 + branch.logit_rows], 1))
-        ar_logits, pre = logits[:, :k + 1], logits[:, k + 1:].view(b, k + 1, k, -1)     # [B, k+1, V], [B, k+1, k, V]
-        self.last_ar_logits = ar_logits
-        gens = [r.generator for r in self.rows]
-        if self.temperature == 0:
+        ids = torch.cat([self.pending[:, None], self.drafts], 1)                       # [B, k+1]
+        pos = self.length[:, None] + torch.arange(k + 1, device=dev)                    # t at n = length
+        self._forward_and_commit(ids, pos, torch.arange(k + 1, device=dev).expand(b, -1), self.length,
+                                 (k + 1) * (k > 0))
+
+    def _forward_and_commit(self, ids, pos, ar_index, last, num_branches: int) -> None:
+        """One forward over the causal rows `ids` at `pos` (their K/V written at their positions) and
+        `num_branches` branches after `last`; the AR logits come from rows `ar_index` [B, A]."""
+        b, k = ids.shape[0], self.k
+        visible = _keys(self.width, self.device)[None, None, :] <= pos[:, :, None]     # [B, W, K] causal
+        if num_branches:
+            br = self._branches(last, num_branches)
+            ids, visible = torch.cat([ids, br.ids], 1), torch.cat([visible, br.mask], 1)
+            ar_index = torch.cat([ar_index, pos.shape[1] + br.logit_rows], 1)
+            pos, write = torch.cat([pos, br.positions], 1), torch.cat([pos, br.write], 1)
+        else:
+            write = pos
+        logits = self._forward(ids, pos, write, visible, ar_index)
+        num_ar = ar_index.shape[1] - num_branches * k
+        ar_logits = self.last_ar_logits = logits[:, :num_ar]                          # [B, A, V]
+        verifying = self.drafts.shape[1] > 0
+        zeros = torch.zeros(b, dtype=torch.long, device=self.device)
+        if not verifying:
+            accepted, token = zeros, self._sample(ar_logits[:, -1])
+        elif self.temperature == 0:
             accepted, token = verify_greedy(self.drafts, ar_logits)
         else:
+            gens = [r.generator for r in self.rows]
             p = torch.softmax(ar_logits.double() / self.temperature, -1)
-            accepted, token = verify_sample(self.drafts, self.q, p, uniform_rows(b, k, gens, dev), gens)
+            accepted, token = verify_sample(self.drafts, self.q, p, uniform_rows(b, k, gens, self.device), gens)
         self._commit(self.drafts, accepted, token)
-        self._take_drafts(pre, accepted)
+        if num_branches:
+            self._take_drafts(logits[:, num_ar:].view(b, num_branches, k, -1), accepted)
 
     def _branches(self, last: torch.Tensor, count: int) -> "_Branches":
-        """`count` branches of k+1 MASK rows; branch j at positions last+j+1.., seeing keys [0, last + j]."""
-        b, k, dev = last.shape[0], self.k, self.device
-        size = k + 1
+        """`count` branches of k+1 MASK rows; branch j at positions last+j+1.., seeing keys [0, last + j] and its
+        own scratch columns."""
+        b, size, dev = last.shape[0], self.k + 1, self.device
         j = torch.arange(count, device=dev).repeat_interleave(size)                    # [count * size]
         r = torch.arange(size, device=dev).repeat(count)
         positions = last[:, None] + j + 1 + r                                           # [B, count * size]
         write = (self.scratch + torch.arange(count * size, device=dev)).expand(b, -1)
         keys = _keys(self.width, dev)
-        sees_prefix = keys[None, None, :] <= (last[:, None] + j)[:, :, None]            # [B, count*size, K]
-        own = (keys[None, :] >= (self.scratch + j * size)[:, None]) & (keys[None, :] < (self.scratch + (j + 1) * size)[:, None])
-        mask = sees_prefix | own[None]
+        sees_prefix = keys[None, None, :] <= (last[:, None] + j)[:, :, None]            # [B, count * size, K]
+        first = (self.scratch + j * size)[:, None]
+        own = (keys[None, :] >= first) & (keys[None, :] < first + size)                 # [count * size, K]
         ids = torch.full_like(positions, self.spec.mask_id)
-        logit_rows = (torch.arange(count, device=dev)[:, None] * size + torch.arange(1, size, device=dev)).reshape(1, -1)
-        return _Branches(ids, positions, write, mask, logit_rows.expand(b, -1))
+        rows = torch.arange(count, device=dev)[:, None] * size + torch.arange(1, size, device=dev)
+        return _Branches(ids, positions, write, sees_prefix | own[None], rows.reshape(1, -1).expand(b, -1))
 
     def _forward(self, ids, positions, write, visible, logits_index) -> torch.Tensor:
         for row in self.rows:
             row.nfe += 1
             row.kv_per_step.append(ids.shape[1] * self.num_layers)
         plan = _Plan(self.buffers, write, visible[:, None])
-        return self.engine.runner.forward(ids, positions, plan, logits_index).float()
+        return self.engine.runner.forward(ids, positions, plan, logits_index)   # valid until the next forward
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature == 0:
@@ -191,8 +189,9 @@ class TiDARRun:
                                                              for _ in range(k)]).view(b, k)
 
     def _commit(self, drafts: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor) -> None:
-        """Rows take drafts[:accepted] and `token`; the pending token and the accepted drafts are now cached."""
-        if hasattr(self, "pending"):
+        """Rows take drafts[:accepted] and `token`, which becomes the pending token. After a step the old pending
+        token and the accepted drafts are cached (the prefill's prompt was counted when it was fed)."""
+        if self.pending is not None:
             self.length = self.length + accepted + 1
         self.pending = token
         new = torch.cat([drafts, token[:, None]], 1)
