@@ -181,8 +181,12 @@ def test_trained_zoo_model_if_bundled(tiny_tidar):
     got, want = llm.chat(msgs, params), ar.chat(msgs, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(w.metrics.nfe == len(w.token_ids) for w in want)
-    if path != tiny_tidar:
+    if path != tiny_tidar:   # the trained model: drafts are accepted, and it holds the zoo's accuracy bars
+        from dllm.zoo.evaluate import evaluate
         assert sum(len(o.token_ids) for o in got) / sum(o.metrics.nfe for o in got) > 1.5
+        bars = {"arith": 0.95, "gsm-lite": 0.90, "code-lite": 0.80}
+        for r in evaluate(str(path), settings=("tidar",), num_problems=10, device="cpu"):
+            assert r.accuracy >= bars[r.task], f"tiny-tidar {r.task}: {r.accuracy:.2f} < {bars[r.task]}"
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -62,6 +62,8 @@ def evaluate(path: str, tasks=("arith", "gsm-lite", "code-lite"), settings=None,
     results = []
     own = FAMILY_SETTINGS.get(_family(path))
     settings = settings or own or SETTINGS
+    if own:   # `reference` of a family with settings of its own: its own decoding (TiDAR: `tidar`)
+        settings = tuple(own[0] if s == "reference" else s for s in settings)
     for task_name in tasks:
         task = get_task(task_name)
         problems = task.generate("test", num_problems)
