@@ -63,7 +63,9 @@ def time_steps(llm: LLM, batch: int, prompt_len: int, warmup: int, repeats: int,
     engine = llm.engine
     vocab = llm.loaded.arch.vocab_size
     g = torch.Generator().manual_seed(0)
-    params = engine.resolve(SamplingParams(max_tokens=warmup + repeats + 8, temperature=0, ignore_eos=True))
+    k = engine.strategy_state["draft_length"]
+    # room for every step to commit k + 1 tokens (random weights accept ~none, but the K/V width must hold them)
+    params = engine.resolve(SamplingParams(max_tokens=(warmup + repeats + 2) * (k + 1), temperature=0, ignore_eos=True))
     requests = [Request(f"r{i}", torch.randint(5, vocab, (prompt_len,), generator=g).tolist(), params)
                 for i in range(batch)]
     run = engine.make_run(requests, stream=False)
