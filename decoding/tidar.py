@@ -10,7 +10,8 @@ d_1..d_k at n+1..n+k, one forward over
 then: accept the longest prefix d_1..d_j the AR rows agree with (greedy: argmax equality; sampling: speculative
 rejection sampling, which keeps the AR distribution exactly), commit d_1..d_j and the AR token of row j (the
 correction at the first mismatch, or the bonus token when all k are accepted), and take the drafts of branch j,
-rows 1..k (row 0 sits at the AR token's position and is not used). K/V of t and the accepted drafts stay in the
+rows 1..k (row 0 sits at the AR token's position and is not used). With `bonus_token=False` a fully accepted row
+commits its k drafts only; d_k is then fed again as the pending token and the next drafts are rows 0..k-1. K/V of t and the accepted drafts stay in the
 cache; those of rejected drafts and of every MASK row are overwritten later (never attended to).
 The first step prefills the prompt causally with one branch after it. `ar` is the same loop with no drafts and no
 branches: one token per forward.
@@ -31,7 +32,8 @@ class TiDARStrategy(Strategy):
     name = "tidar"
     families = ("tidar",)
     caches = ("none",)                     # the run keeps its own exact K/V cache
-    engine_options = {"draft_length": 0}   # 0: the checkpoint's draft_length
+    # draft_length 0: the checkpoint's; bonus_token: on full acceptance also commit the AR token after d_k
+    engine_options = {"draft_length": 0, "bonus_token": True}
 
     @classmethod
     def prepare(cls, options: dict, loaded) -> dict:

@@ -47,6 +47,7 @@ class TiDARRun:
         self.engine, self.spec, self.stream = engine, engine.spec, stream
         self.params = p = requests[0].params
         self.k = engine.strategy_state["draft_length"]
+        self.bonus = engine.strategy_state.get("bonus_token", True)
         self.device = engine.device
         self.rows = [_Row(r, None if r.params.seed is None else
                           torch.Generator(device=self.device).manual_seed(r.params.seed)) for r in requests]
@@ -131,7 +132,7 @@ class TiDARRun:
         else:
             write = pos
         logits = self._forward(ids, pos, write, visible, ar_index)
-        num_ar = ar_index.shape[1] - num_branches * k
+        num_ar = ar_index.shape[1] - num_branches * (k + 1)
         ar_logits = self.last_ar_logits = logits[:, :num_ar]                          # [B, A, V]
         verifying = self.drafts.shape[1] > 0
         zeros = torch.zeros(b, dtype=torch.long, device=self.device)
@@ -143,9 +144,12 @@ class TiDARRun:
             gens = [r.generator for r in self.rows]
             p = torch.softmax(ar_logits.double() / self.temperature, -1)
             accepted, token = verify_sample(self.drafts, self.q, p, uniform_rows(b, k, gens, self.device), gens)
-        self._commit(self.drafts, accepted, token)
+        # without the bonus token a fully accepted row commits its k drafts only; d_k becomes the pending token
+        # (fed again, its K/V recomputed) and the next drafts start one position earlier in the branch
+        bonus = (accepted < k) | self.bonus if verifying else torch.ones_like(accepted, dtype=torch.bool)
+        self._commit(self.drafts, accepted, token, bonus)
         if num_branches:
-            self._take_drafts(logits[:, num_ar:].view(b, num_branches, k, -1), accepted)
+            self._take_drafts(logits[:, num_ar:].view(b, num_branches, k + 1, -1), accepted, bonus)
 
     def _branches(self, last: torch.Tensor, count: int) -> "_Branches":
         """`count` branches of k+1 MASK rows; branch j at positions last+j+1.., seeing keys [0, last + j] and its
@@ -160,7 +164,7 @@ class TiDARRun:
         first = (self.scratch + j * size)[:, None]
         own = (keys[None, :] >= first) & (keys[None, :] < first + size)                 # [count * size, K]
         ids = torch.full_like(positions, self.spec.mask_id)
-        rows = torch.arange(count, device=dev)[:, None] * size + torch.arange(1, size, device=dev)
+        rows = torch.arange(count, device=dev)[:, None] * size + torch.arange(size, device=dev)
         return _Branches(ids, positions, write, sees_prefix | own[None], rows.reshape(1, -1).expand(b, -1))
 
     def _forward(self, ids, positions, write, visible, logits_index) -> torch.Tensor:
@@ -176,10 +180,12 @@ class TiDARRun:
         probs = torch.softmax(logits.double() / self.temperature, -1)
         return sample_rows(probs, [r.generator for r in self.rows])
 
-    def _take_drafts(self, pre: torch.Tensor, accepted: torch.Tensor) -> None:
-        """pre [B, branches, k, V]: the drafts (and, sampling, their distributions) of branch `accepted`."""
+    def _take_drafts(self, pre: torch.Tensor, accepted: torch.Tensor, after_token: torch.Tensor) -> None:
+        """pre [B, branches, k+1, V]: the drafts (and, sampling, their distributions) of branch `accepted`: its rows
+        1..k when the AR token was committed (row 0 sits at its position), else rows 0..k-1."""
         rows = torch.arange(pre.shape[0], device=self.device)
-        chosen = pre[rows, accepted]                                                    # [B, k, V]
+        first = after_token.long()[:, None] + torch.arange(self.k, device=self.device)   # [B, k]
+        chosen = pre[rows, accepted].gather(1, first[..., None].expand(-1, -1, pre.shape[-1]))   # [B, k, V]
         if self.temperature == 0:
             self.drafts = chosen.argmax(-1)
             return
@@ -188,19 +194,22 @@ class TiDARRun:
         self.drafts = sample_rows(self.q.reshape(b * k, v), [g for g in (r.generator for r in self.rows)
                                                              for _ in range(k)]).view(b, k)
 
-    def _commit(self, drafts: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor) -> None:
-        """Rows take drafts[:accepted] and `token`, which becomes the pending token. After a step the old pending
-        token and the accepted drafts are cached (the prefill's prompt was counted when it was fed)."""
+    def _commit(self, drafts: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor,
+                take_token: torch.Tensor) -> None:
+        """Rows take drafts[:accepted] and, where `take_token`, `token`; the last committed token becomes the pending
+        one. After a step the old pending token and the committed tokens before the new pending one are cached
+        (the prefill's prompt was counted when it was fed)."""
+        counts = accepted + take_token.long()
         if self.pending is not None:
-            self.length = self.length + accepted + 1
-        self.pending = token
+            self.length = self.length + counts
         new = torch.cat([drafts, token[:, None]], 1)
-        new.scatter_(1, accepted[:, None], token[:, None])
-        counts, new_list = (accepted + 1).tolist(), new.tolist()
+        new.scatter_(1, accepted[:, None], token[:, None])          # not committed where take_token is False
+        self.pending = new.gather(1, (counts - 1)[:, None])[:, 0]
+        counts, num_accepted, new_list = counts.tolist(), accepted.tolist(), new.tolist()
         stop = set(self.stop_ids.tolist())
         for i, row in enumerate(self.rows):
             row.drafted += drafts.shape[1]
-            row.accepted += counts[i] - 1
+            row.accepted += num_accepted[i]
             for t in new_list[i][:counts[i]]:
                 row.token_ids.append(t)
                 if t in stop:

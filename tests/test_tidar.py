@@ -97,6 +97,7 @@ def test_greedy_tidar_equals_greedy_ar_of_the_same_weights(tiny_tidar):
     hf = hf_model(tiny_tidar)
     llm = LLM(str(tiny_tidar), strategy="tidar", device="cpu")
     ar = LLM(str(tiny_tidar), strategy="ar", device="cpu")
+    no_bonus = LLM(str(tiny_tidar), strategy="tidar", device="cpu", strategy_options={"bonus_token": False})
     # a stop token the random model emits early for some rows: row-dependent finishing inside a step
     first = [greedy_ar(hf, p, 24, set())[:6] for p in PROMPTS]
     stop = first[0][4]
@@ -106,6 +107,7 @@ def test_greedy_tidar_equals_greedy_ar_of_the_same_weights(tiny_tidar):
     got_ar = [o.token_ids for o in ar.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
     assert got == want
     assert got_ar == want
+    assert [o.token_ids for o in no_bonus.generate([{"prompt_token_ids": p} for p in PROMPTS], params)] == want
     assert len(want[0]) == 5 and any(len(w) == 24 for w in want)
 
 
@@ -114,15 +116,18 @@ class _Oracle:
     acceptance length 0..k occurs; records each step's fed sequence and AR logits for the exact-cache check."""
 
     def __init__(self, refs: dict, seed: int = 0):
-        self.refs, self.rng, self.steps = refs, random.Random(seed), []
+        self.refs, self.rng, self.steps, self.branches = refs, random.Random(seed), [], []
+        self.seqs = None
 
     def install(self, monkeypatch):
         from dllm.decoding.tidar_run import TiDARRun
         take, step = TiDARRun._take_drafts, TiDARRun._step
         oracle = self
 
-        def take_drafts(run, pre, accepted):
-            take(run, pre, accepted)
+        def take_drafts(run, pre, accepted, after_token):
+            if oracle.seqs is not None and len(oracle.branches) < 8:
+                oracle.branches.append((oracle.seqs, pre.clone(), accepted.clone(), run.drafts.shape[1]))
+            take(run, pre, accepted, after_token)
             k = run.drafts.shape[1]
             for i, row in enumerate(run.rows):
                 ref = oracle.refs[tuple(run.prompts[i])]
@@ -134,6 +139,7 @@ class _Oracle:
 
         def traced_step(run):
             seqs = [run.prompts[i] + row.token_ids + run.drafts[i].tolist() for i, row in enumerate(run.rows)]
+            oracle.seqs = seqs
             step(run)
             oracle.steps.append((seqs, run.last_ar_logits.clone(), run.drafts.shape[1]))
 
@@ -141,9 +147,10 @@ class _Oracle:
         monkeypatch.setattr(TiDARRun, "_step", traced_step)
 
 
-def test_every_acceptance_length_with_an_exact_cache(tiny_tidar, monkeypatch):
+@pytest.mark.parametrize("bonus_token", [True, False])
+def test_every_acceptance_length_with_an_exact_cache(tiny_tidar, monkeypatch, bonus_token):
     hf = hf_model(tiny_tidar)
-    llm = LLM(str(tiny_tidar), strategy="tidar", device="cpu")
+    llm = LLM(str(tiny_tidar), strategy="tidar", device="cpu", strategy_options={"bonus_token": bonus_token})
     refs = {tuple(p): greedy_ar(hf, p, 40, set()) for p in PROMPTS}
     oracle = _Oracle(refs)
     oracle.install(monkeypatch)
@@ -161,6 +168,27 @@ def test_every_acceptance_length_with_an_exact_cache(tiny_tidar, monkeypatch):
                 full = hf(torch.tensor([seq])).logits[0, -(k + 1):]
                 torch.testing.assert_close(logits[i], full, rtol=1e-4, atol=1e-4)
     assert len(oracle.steps) > 5
+    # pre-drafts: the chosen branch's MASK rows equal a plain forward of [prefix it sees, k+1 MASKs] with the
+    # training layout (prefix causal, the MASK block bidirectional and seeing the whole prefix)
+    core = llm.loaded.model
+    for seqs, pre, accepted, k in oracle.branches:
+        for i, seq in enumerate(seqs):
+            j = int(accepted[i])
+            prefix = seq[:len(seq) - k + j]
+            n, size = len(prefix), k + 1
+            mask = torch.ones(n + size, n + size, dtype=torch.bool).tril()
+            mask[n:, n:] = True
+
+            class Plan:
+                attn_mask = mask[None, None]
+
+                def kv(self, layer, k_, v_):
+                    return k_, v_
+            ids = torch.tensor([prefix + [llm.spec.mask_id] * size])
+            with torch.no_grad():
+                want = core(ids, torch.arange(n + size)[None], Plan())[0, n:]
+            torch.testing.assert_close(pre[i, j], want, rtol=1e-4, atol=1e-4)
+    assert oracle.branches
 
 
 def test_batch_composition_does_not_change_a_row(tiny_tidar):
@@ -296,6 +324,8 @@ def test_bad_options_are_one_line_errors(tiny_tidar):
     cases = [
         lambda: LLM(str(tiny_tidar), strategy="tidar", strategy_options={"draft_length": -2}, device="cpu"),
         lambda: LLM(str(tiny_tidar), strategy="tidar", strategy_options={"draft_len": 4}, device="cpu"),
+        lambda: LLM(str(tiny_tidar), strategy="tidar", strategy_options={"bonus_token": "maybe"}, device="cpu"),
+        lambda: LLM(str(tiny_tidar), strategy="ar", strategy_options={"draft_length": 4}, device="cpu"),
         lambda: LLM(str(tiny_tidar), strategy="reference", device="cpu"),
         lambda: LLM("tiny-llada", strategy="tidar", device="cpu"),
         lambda: LLM(str(tiny_tidar), strategy="tidar", device="cpu").generate("hi", SamplingParams(top_k=5)),
@@ -305,3 +335,18 @@ def test_bad_options_are_one_line_errors(tiny_tidar):
         with pytest.raises(DllmError) as info:
             case()
         assert "\n" not in str(info.value)
+
+
+def test_next_drafts_come_from_the_accepted_branch_after_the_committed_tokens():
+    """Branch j's rows sit at positions n+j+1..n+j+k+1: after the AR token (at n+j+1) the drafts are rows 1..k;
+    without the bonus token a fully accepted row's next drafts start at n+k+1, rows 0..k-1 of branch k."""
+    from types import SimpleNamespace
+    from dllm.decoding.tidar_run import TiDARRun
+    k, v = 3, 50
+    pre = torch.zeros(2, k + 1, k + 1, v)
+    for j in range(k + 1):
+        for r in range(k + 1):
+            pre[:, j, r, 10 * j + r] = 1.0          # argmax names (branch, row)
+    run = SimpleNamespace(k=k, device=torch.device("cpu"), temperature=0, rows=[], drafts=None)
+    TiDARRun._take_drafts(run, pre, torch.tensor([1, 3]), torch.tensor([True, False]))
+    assert run.drafts.tolist() == [[11, 12, 13], [30, 31, 32]]
