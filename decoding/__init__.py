@@ -10,6 +10,7 @@ from dllm.decoding.s2d2 import S2D2Strategy
 from dllm.decoding.saber import SaberDream, SaberLLaDA
 from dllm.decoding.sdar import SDARReference
 from dllm.decoding.threshold import ThresholdStrategy
+from dllm.decoding.tidar import TiDARAutoregressive, TiDARStrategy
 from dllm.errors import InvalidParameterError
 
 STRATEGIES = {
@@ -20,6 +21,8 @@ STRATEGIES = {
     "s2d2": S2D2Strategy,
     "learn2pd": Learn2PDStrategy,
     "saber": {"llada": SaberLLaDA, "dream": SaberDream},
+    "tidar": {"tidar": TiDARStrategy},
+    "ar": {"tidar": TiDARAutoregressive},
 }
 
 

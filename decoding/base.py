@@ -22,6 +22,9 @@ What a strategy declares (class attributes / methods with defaults):
   caches              names of the cache policies the strategy works with (None: every one)
   request_defaults(params, state)  fills request fields the user left unset (a preset's block size)
   row_stats(row)      the strategy's own per-request counts (RequestMetrics.strategy_stats)
+  run_class()         (optional) a loop of its own instead of the engine's canvas loop, for a strategy whose
+                      steps are not "fill a block's masks" (TiDAR: draft, verify and pre-draft over an exact
+                      cache, `decoding/tidar_run.py`); it has the canvas run's verbs (events, drop, close)
 The engine sets `self.ctx` (a `dllm.step_context.StepContext`) before the first step.
 
 A strategy = the model family's token proposal (`proposal.py`: x0 and the distribution confidences come from)

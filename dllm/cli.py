@@ -53,7 +53,8 @@ def _engine_options(p: argparse.ArgumentParser, model_positional: bool = False,
                         "Learn2PD's learned commit filter with end-of-text prediction (--strategy-option filter=PATH "
                         "from `dllm train-filter`; tiny-llada and tiny-dream ship one); saber = Saber, "
                         "adaptive commits with backtracking remasking (LLaDA, Dream; cache none; --strategy-option "
-                        "mu=2|8, n=2). "
+                        "mu=2|8, n=2); tidar = TiDAR's draft-verify-predraft decoding of a TiDAR model (--strategy-option "
+                        "draft_length=K), ar = the same TiDAR model one token a forward (README: TiDAR). "
                         f"Default: auto = the fastest setting within 1 point of reference on the zoo ({describe()}; "
                         "BENCHMARKS.md); --strategy reference gives the published sampler")
     g.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",

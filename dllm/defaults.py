@@ -10,7 +10,8 @@ alone is the family's published sampler, token for token.
 from __future__ import annotations
 
 AUTO = "auto"
-DEFAULT_STRATEGY = {"llada": "factor", "dream": "threshold", "sdar": "factor"}
+# TiDAR: its own decoding (not measured: greedy TiDAR emits exactly the tokens of its AR decoding, in fewer forwards)
+DEFAULT_STRATEGY = {"llada": "factor", "dream": "threshold", "sdar": "factor", "tidar": "tidar"}
 # (family, strategy) -> the fastest cache within 1 point on every zoo task; others get EXACT_CACHE.
 MEASURED_CACHE = {("llada", "factor"): "freecache", ("llada", "threshold"): "freecache",
                   ("sdar", "factor"): "block", ("sdar", "threshold"): "block"}

@@ -114,10 +114,14 @@ class Engine:
         with torch.no_grad():
             yield from self.open_run(requests, stream).events()
 
-    def open_run(self, requests: list[Request], stream: bool = True, pool_rows: int = 0) -> "_Run":
-        """Start decoding `requests` (same batch key, checked): a run whose `events()` decode it step by step
-        (the step scheduler starts its cohorts here)."""
-        return _Run(self, requests, stream, pool_rows)
+    def open_run(self, requests: list[Request], stream: bool = True, pool_rows: int = 0):
+        """Start decoding `requests` (same batch key, checked): the canvas loop, or the strategy's own loop when
+        it declares one (TiDAR's draft-verify-predraft loop, `decoding/tidar_run.py`); both have events / drop /
+        close (the step scheduler starts its cohorts here)."""
+        run_class = getattr(self.strategy_cls, "run_class", None)
+        return (run_class() if run_class else _Run)(self, requests, stream, pool_rows=pool_rows)
+
+    make_run = open_run
 
 
 class _Run:

@@ -62,6 +62,8 @@ from dllm.engine import _END, Engine, ForwardCall, Request, _Run, _send
 from dllm.errors import InvalidParameterError
 from dllm.outputs import StreamEvent
 
+_OWN_STEP = object()   # `_until_forward`: the cohort made its step's forwards itself
+
 
 @dataclass
 class Failure:
@@ -183,7 +185,7 @@ class Scheduler:
             calls: list[tuple[_Cohort, ForwardCall]] = []
             for cohort in list(self.cohorts):             # each cohort up to its forward
                 call = self._guard(cohort, lambda c=cohort: self._until_forward(c, events))
-                if call is not None:
+                if call is not None and call is not _OWN_STEP:
                     calls.append((cohort, call))
             groups: dict[object, list[tuple[_Cohort, ForwardCall]]] = {}
             for cohort, call in calls:
@@ -227,6 +229,8 @@ class Scheduler:
         """Run `cohort` up to its next forward (None: it ended)."""
         item = next(cohort.events, _END)
         while not isinstance(item, ForwardCall):
+            if item is None:                  # a run that makes its own forwards (TiDAR) ended its step
+                return _OWN_STEP
             if item is _END:
                 self._close(cohort)
                 return None
@@ -283,7 +287,8 @@ class Scheduler:
                     raise
                 self._fail(members, exc, head.alone)
                 continue
-            self.cohorts.append(_Cohort(run, run.events(marks=True, forwards=True), _slots(head.request),
+            events = run.events(marks=True, forwards=True) if isinstance(run, _Run) else run.events(marks=True)
+            self.cohorts.append(_Cohort(run, events, _slots(head.request),
                                         {w.request.request_id: w for w in members}, head.alone))
             self.admitted.append(requests)
             free -= need

@@ -11,7 +11,8 @@ the axes, on top of the fixed options. A sampling option (swept or fixed) only r
 it: `thresholds=0.7,0.9` gives the threshold strategy two settings and the reference strategy one, without a
 threshold. Likewise a `--strategy-option` only reaches the strategies that have it (saber's `mu`). Combinations the runtime refuses (a cache the model's attention cannot use, `block_length` not
 dividing `max_tokens`, ...) are skipped and listed with the runtime's reason. The baseline row is the
-reference strategy without a cache (the first value of every other axis); it is added when the grid lacks it,
+reference strategy (TiDAR models: `ar`, their own AR decoding) without a cache (the first value of every other axis);
+it is added when the grid lacks it,
 and `speedup` = a row's throughput / the baseline's.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dllm.eval.runner import EvalConfig, EvalError
 logger = logging.getLogger(__name__)
 ENGINE_AXES = ("strategy", "cache", "batch_size")
 _NOT_SWEPT = ("seed", "stop_token_ids", "skip_special_tokens")
+BASELINE_STRATEGY = {"tidar": "ar"}   # the family's baseline when it has no `reference` sampler (TiDAR: its AR half)
 SAMPLING_AXES = {name: hint for name, hint in typing.get_type_hints(SamplingParams).items() if name not in _NOT_SWEPT}
 
 
@@ -148,7 +150,7 @@ def label(config: EvalConfig, axes: dict) -> str:
 def expand(base: EvalConfig, axes: dict, family: str) -> list[tuple[str, EvalConfig]]:
     """(label, config) of every distinct setting, the baseline first."""
     first = {k: v[0] for k, v in axes.items()}
-    baseline = _setting(base, {**first, "strategy": "reference", "cache": "none"}, family)
+    baseline = _setting(base, {**first, "strategy": BASELINE_STRATEGY.get(family, "reference"), "cache": "none"}, family)
     plan = [baseline] + [_setting(base, dict(zip(axes, combo)), family) for combo in itertools.product(*axes.values())]
     unique: dict[str, EvalConfig] = {}
     for config in plan:

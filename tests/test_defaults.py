@@ -41,7 +41,7 @@ def test_every_default_is_a_real_strategy_and_cache():
     from dllm.decoding import STRATEGIES
     assert set(DEFAULT_STRATEGY.values()) <= set(STRATEGIES) and set(MEASURED_CACHE.values()) <= set(CACHES)
     assert describe() == ("llada: factor with freecache cache; dream: threshold with none cache; "
-                          "sdar: factor with block cache")
+                          "sdar: factor with block cache; tidar: tidar with none cache")
 
 
 def test_cli_default_equals_the_spelled_out_setting_and_reference_is_one_flag_away():

@@ -5,8 +5,9 @@ from dllm.errors import UnsupportedModelError
 from dllm.models.dream import DreamAdapter
 from dllm.models.llada import LLaDAAdapter
 from dllm.models.sdar import SDARAdapter, SDARMoeAdapter
+from dllm.models.tidar import TiDARAdapter
 
-ADAPTERS = [LLaDAAdapter(), DreamAdapter(), SDARAdapter(), SDARMoeAdapter()]
+ADAPTERS = [LLaDAAdapter(), DreamAdapter(), SDARAdapter(), SDARMoeAdapter(), TiDARAdapter()]
 
 
 def adapter_for(cfg: dict, where: str = "the checkpoint"):

@@ -24,14 +24,20 @@ def main(argv=None) -> None:
     zoo.add_argument("--resume", action="store_true", help="continue training the models already in --out")
     zoo.add_argument("--eval-only", action="store_true", help="only evaluate the models in --out and rewrite their cards")
     zoo.add_argument("--seed", type=int, default=None, help="data order and initialisation seed")
-    zoo.add_argument("--families", default=None, help="comma-separated subset of ar,llada,dream,sdar (dream needs ar)")
+    zoo.add_argument("--families", default=None,
+                     help="comma-separated subset of ar,llada,dream,sdar,tidar (dream and tidar start from an AR model)")
+    zoo.add_argument("--init-from", default=None, help="AR checkpoint (Qwen2 layout) that dream and tidar start from "
+                     "(default: <out>/tiny-ar when trained, else the bundled tiny-ar)")
+    zoo.add_argument("--alpha", type=float, default=None, help="TiDAR: AR loss weight (default 1)")
+    zoo.add_argument("--draft-length", type=int, default=None, help="TiDAR: drafts per step (default 8; block = +1)")
     run = sub.add_parser("model", help="train one model")
     run.add_argument("--family", required=True, choices=FAMILIES)
     run.add_argument("--out", required=True)
     run.add_argument("--tokenizer", required=True, help="directory written by `tokenizer`")
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("seq-len", int), ("hidden-size", int),
                        ("num-layers", int), ("num-heads", int), ("num-kv-heads", int), ("intermediate-size", int),
-                       ("block-size", int), ("seed", int), ("log-every", int)):
+                       ("block-size", int), ("seed", int), ("log-every", int), ("draft-length", int),
+                       ("alpha", float)):
         run.add_argument(f"--{name}", type=kind, default=None)
     run.add_argument("--tasks", default=None, help='JSON: {"arith": 100000, ...} training problems per task')
     run.add_argument("--init-from", default=None, help="checkpoint in the Qwen2 layout to start from (Dream from AR)")

@@ -47,6 +47,11 @@ def sdar_config(a: ArchConfig, ids: dict, block_size: int) -> dict:
             "attention_bias": False, "block_size": block_size, **_qwen_config(a, ids)}
 
 
+def tidar_config(a: ArchConfig, ids: dict, draft_length: int, block_size: int) -> dict:
+    return {"architectures": ["TiDARForCausalLM"], "model_type": "tidar", "mask_token_id": ids["mask"],
+            "attention_bias": True, "draft_length": draft_length, "block_size": block_size, **_qwen_config(a, ids)}
+
+
 def ar_config(a: ArchConfig, ids: dict) -> dict:
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_qwen_config(a, ids)}
 

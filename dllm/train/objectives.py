@@ -8,6 +8,11 @@
   the clean copy x_0 are fed together; a noisy block attends to itself and to the clean blocks before it,
   a clean block to the clean blocks up to itself; the loss is on the masked response tokens of x_t.
 - `causal_lm`: next-token cross-entropy on the response (the AR baseline, later FreeCache's guide).
+- `tidar` (TiDAR, arXiv 2511.08923): the clean sequence (causal, next-token loss) and a copy in which every token
+  is MASK ("full mask"), fed together; the MASK copy is cut into blocks of `block_size` from position 0, and a
+  MASK block attends to the clean tokens before it and to itself (bidirectional inside the block); the MASK at
+  position i predicts the token at i. L = (alpha * L_AR + L_diff) / (1 + alpha), each term a mean over the
+  response tokens (equal term counts, as the paper's full-mask objective gives), alpha = 1 by default.
 """
 from __future__ import annotations
 
@@ -89,4 +94,31 @@ def causal_lm(model, batch: Batch, mask_id: int = 0, **_) -> torch.Tensor:
     return (ce * keep).sum() / keep.sum()
 
 
-OBJECTIVES = {"llada": masked_diffusion, "dream": shifted, "sdar": block_diffusion, "ar": causal_lm}
+def tidar_mask(n: int, block_size: int, device=None) -> torch.Tensor:
+    """The training mask [2n, 2n] over [clean x_0..x_{n-1}, MASK_0..MASK_{n-1}] (True = may attend): clean rows
+    causal over the clean half; MASK rows see the clean tokens before their block and their own block."""
+    pos = torch.arange(n, device=device)
+    blk = pos // block_size
+    clean_to_clean = pos[None, :] <= pos[:, None]
+    mask_to_clean = pos[None, :] < (blk * block_size)[:, None]
+    mask_to_mask = blk[:, None] == blk[None, :]
+    top = torch.cat([clean_to_clean, torch.zeros_like(clean_to_clean)], dim=1)
+    bottom = torch.cat([mask_to_clean, mask_to_mask], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def tidar(model, batch: Batch, mask_id: int, block_size: int = 9, alpha: float = 1.0, **_) -> torch.Tensor:
+    n = batch.ids.shape[1]
+    ids = torch.cat([batch.ids, torch.full_like(batch.ids, mask_id)], dim=1)
+    positions = torch.cat([_positions(batch.ids), _positions(batch.ids)], dim=1)
+    logits = model(ids, positions, _MaskPlan(tidar_mask(n, block_size, batch.ids.device)[None, None]))
+    response = _response_mask(batch)
+    keep_ar = response[:, 1:]
+    ce_ar = F.cross_entropy(logits[:, :n - 1].float().transpose(1, 2), batch.ids[:, 1:], reduction="none")
+    ce_diff = F.cross_entropy(logits[:, n:].float().transpose(1, 2), batch.ids, reduction="none")
+    loss_ar = (ce_ar * keep_ar).sum() / keep_ar.sum()
+    loss_diff = (ce_diff * response).sum() / response.sum()
+    return (alpha * loss_ar + loss_diff) / (1 + alpha)
+
+
+OBJECTIVES = {"llada": masked_diffusion, "dream": shifted, "sdar": block_diffusion, "ar": causal_lm, "tidar": tidar}

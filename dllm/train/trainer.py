@@ -25,7 +25,7 @@ from dllm.train.objectives import OBJECTIVES
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("llada", "dream", "sdar", "ar")
+FAMILIES = ("llada", "dream", "sdar", "ar", "tidar")
 
 
 @dataclass
@@ -45,7 +45,9 @@ class TrainConfig:
     num_heads: int = 8
     num_kv_heads: int = 4
     intermediate_size: int = 704
-    block_size: int = 4
+    block_size: int = 4              # SDAR's block; TiDAR's pre-draft block is draft_length + 1
+    draft_length: int = 8            # TiDAR: drafts verified per step
+    alpha: float = 1.0               # TiDAR: weight of the AR loss, L = (alpha L_AR + L_diff) / (1 + alpha)
     tasks: dict = field(default_factory=lambda: {"arith": 80000, "gsm-lite": 60000, "code-lite": 40000})
     init_from: str | None = None
     seed: int = 0
@@ -56,6 +58,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if self.draft_length < 1 or self.alpha < 0:
+            raise ValueError("draft_length must be >= 1 and alpha >= 0")
+
+    @property
+    def objective_options(self) -> dict:
+        if self.family == "tidar":
+            return {"block_size": self.draft_length + 1, "alpha": self.alpha}
+        return {"block_size": self.block_size}
 
 
 def arch_for(cfg: TrainConfig, vocab_size: int) -> ArchConfig:
@@ -64,7 +74,7 @@ def arch_for(cfg: TrainConfig, vocab_size: int) -> ArchConfig:
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         num_kv_heads=cfg.num_kv_heads if qwen else cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
         intermediate_size=cfg.intermediate_size, rope_theta=10000.0, rms_norm_eps=1e-6 if qwen else 1e-5,
-        max_position_embeddings=max(512, cfg.seq_len), qkv_bias=cfg.family in ("dream", "ar"),
+        max_position_embeddings=max(512, cfg.seq_len), qkv_bias=cfg.family in ("dream", "ar", "tidar"),
         qk_norm=cfg.family == "sdar", rope_full_precision=not qwen, norm_weight_fp32=cfg.family == "sdar")
 
 
@@ -87,7 +97,7 @@ def _init(model: Transformer, seed: int) -> None:
 
 def _load_init(model: Transformer, path: str) -> None:
     """Initialise from a checkpoint: the same family's (to continue training) or one in the Qwen2 layout (Dream
-    from the AR model, as Dream came from Qwen2.5)."""
+    and TiDAR from the AR model, as Dream came from Qwen2.5 and TiDAR continues pretraining an AR model)."""
     from safetensors.torch import load_file
     from dllm.models.registry import adapter_for
     cfg = json.loads((pathlib.Path(path) / "config.json").read_text())
@@ -153,7 +163,7 @@ def train(cfg: TrainConfig) -> pathlib.Path:
             group["lr"] = _lr(cfg, step, progress)
         batch = data.batch(cfg.batch_size, device)
         with autocast:
-            loss = objective(model, batch, ids["mask"], block_size=cfg.block_size)
+            loss = objective(model, batch, ids["mask"], **cfg.objective_options)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -185,7 +195,8 @@ def _save(cfg, model, arch, tokenizer, ids, losses, seconds, device, num_example
     previous = _history(cfg)
     eos_ids = [ids["im_end"], ids["eos"]]
     configs = {"llada": lambda: export.llada_config(arch, ids), "dream": lambda: export.dream_config(arch, ids),
-               "sdar": lambda: export.sdar_config(arch, ids, cfg.block_size), "ar": lambda: export.ar_config(arch, ids)}
+               "sdar": lambda: export.sdar_config(arch, ids, cfg.block_size), "ar": lambda: export.ar_config(arch, ids),
+               "tidar": lambda: export.tidar_config(arch, ids, cfg.draft_length, cfg.draft_length + 1)}
     gen = {"bos_token_id": ids["bos"], "eos_token_id": eos_ids, "pad_token_id": ids["eos"]}
     if cfg.family == "dream":
         gen.update(alg="entropy", eps=1e-3, temperature=0.0)

@@ -1,6 +1,7 @@
 """Training the whole zoo in one command: the shared tokenizer, tiny-ar (causal LM, Qwen2 layout), tiny-llada,
-tiny-dream (initialised from tiny-ar, as Dream came from Qwen2.5) and tiny-sdar (native block 4); then each
-diffusion model is evaluated on the held-out test split under three settings and gets a model card.
+tiny-dream (initialised from tiny-ar, as Dream came from Qwen2.5), tiny-sdar (native block 4) and tiny-tidar
+(initialised from tiny-ar: TiDAR continues pretraining an AR model); then each diffusion model is evaluated on
+the held-out test split under its settings (three; TiDAR: its own decoding and plain AR) and gets a model card.
 
     python -m dllm.train zoo --out zoo --steps 6000
 """
@@ -27,8 +28,7 @@ A small {family_long} trained by dllm on its checkable tasks (arith, gsm-lite, c
 - loss curve of the last stage: `loss.png`; full record: `training.json`
 
 ## Accuracy (held-out test split, {num_problems} problems a task, greedy)
-Settings: `reference` = the family's own sampler at one token a step{sdar_note}; `aggressive` = a fixed 32 tokens
-a step with no threshold{sdar_aggressive}; `threshold` = Fast-dLLM threshold decoding at 0.9.
+{settings}
 
 {table}
 {notes}
@@ -42,14 +42,43 @@ DESCRIPTIONS = {
               "masked diffusion with Dream's shifted logits (token i predicted from position i - 1)"),
     "sdar": ("block-diffusion LM (SDAR family)", "SDAR (`model_type` sdar, Qwen3 tensor names)",
              "block diffusion as SDAR: blocks of 4 from position 0, noisy blocks attend to themselves and to clean earlier blocks"),
+    "tidar": ("hybrid diffusion-AR LM (TiDAR family)", "TiDAR (`model_type` tidar, Qwen2 tensor names)",
+              "TiDAR's: the clean sequence with next-token loss (causal) plus an all-MASK copy cut into blocks of "
+              "draft_length + 1, each MASK block seeing the clean tokens before it and itself; "
+              "L = (alpha L_AR + L_diff) / (1 + alpha), alpha = 1"),
+}
+
+SETTINGS_TEXT = {
+    "tidar": "Settings: `tidar` = TiDAR decoding (one forward drafts, verifies and pre-drafts; greedy verification, "
+             "so its tokens are exactly those of `ar`); `ar` = the same model decoded autoregressively, one token a forward.",
 }
 
 
-FAMILY_ORDER = ("ar", "llada", "dream", "sdar")  # tiny-dream starts from tiny-ar
+def _settings_text(family: str) -> str:
+    if family in SETTINGS_TEXT:
+        return SETTINGS_TEXT[family]
+    sdar_note = " (static low-confidence, 4 steps per 4-token block)" if family == "sdar" else ""
+    sdar_aggressive = " (SDAR: blocks of 32 tokens, each decoded in one step)" if family == "sdar" else ""
+    return (f"Settings: `reference` = the family's own sampler at one token a step{sdar_note}; `aggressive` = a fixed "
+            f"32 tokens\na step with no threshold{sdar_aggressive}; `threshold` = Fast-dLLM threshold decoding at 0.9.")
+
+
+FAMILY_ORDER = ("ar", "llada", "dream", "sdar", "tidar")  # tiny-dream and tiny-tidar start from tiny-ar
+FROM_AR = ("dream", "tidar")
+
+
+def _ar_init(root: pathlib.Path, init_from: str | None) -> str:
+    """The AR checkpoint a model of FROM_AR starts from: --init-from, else the zoo's own tiny-ar, else the bundled one."""
+    from dllm.zoo import MODELS_DIR
+    if init_from:
+        return init_from
+    own = root / "tiny-ar"
+    return str(own if (own / "model.safetensors").is_file() else MODELS_DIR / "tiny-ar")
 
 
 def train_zoo(out: str, steps: int, batch_size: int = 128, num_problems: int = 200, max_seconds: float | None = None,
-              families=FAMILY_ORDER, resume: bool = False, eval_only: bool = False, **overrides) -> dict:
+              families=FAMILY_ORDER, resume: bool = False, eval_only: bool = False, init_from: str | None = None,
+              **overrides) -> dict:
     from dllm.zoo.tokenizer import build_zoo_tokenizer, save_tokenizer
     root = pathlib.Path(out)
     tok_dir = root / "tokenizer"
@@ -59,7 +88,7 @@ def train_zoo(out: str, steps: int, batch_size: int = 128, num_problems: int = 2
     summary = {}
     for family in families:
         path = root / f"tiny-{family}"
-        init = str(root / "tiny-ar") if family == "dream" else None
+        init = _ar_init(root, init_from) if family in FROM_AR else None
         if resume and (path / "model.safetensors").is_file():
             init = str(path)  # continue training the existing model
         if not eval_only:
@@ -89,8 +118,7 @@ def write_card(path: pathlib.Path, family: str, num_problems: int, results=None,
         total_steps=sum(r["config"]["steps"] for r in record["previous"] + [record]),
         total_seconds=round(sum(r["train_seconds"] for r in record["previous"] + [record])),
         hardware=record["hardware"], torch=record["torch"], num_problems=num_problems,
-        sdar_note=" (static low-confidence, 4 steps per 4-token block)" if family == "sdar" else "",
-        sdar_aggressive=" (SDAR: blocks of 32 tokens, each decoded in one step)" if family == "sdar" else "",
+        settings=_settings_text(family),
         table=table(results), notes=notes, command="python -m dllm.train zoo --out <dir> (see BENCHMARKS.md for the exact stages run)"))
     return [r.__dict__ for r in results]
 
@@ -133,6 +161,10 @@ def main(args) -> None:
     extra = {"lr": args.lr} if args.lr else {}
     if args.seed is not None:
         extra["seed"] = args.seed
+    if args.alpha is not None:
+        extra["alpha"] = args.alpha
+    if args.draft_length is not None:
+        extra["draft_length"] = args.draft_length
     summary = train_zoo(args.out, args.steps, args.batch_size or 128, args.num_problems, args.max_seconds, families,
-                        resume=args.resume, eval_only=args.eval_only, **extra)
+                        resume=args.resume, eval_only=args.eval_only, init_from=args.init_from, **extra)
     print(json.dumps({"seconds": round(time.perf_counter() - start, 1), "results": summary}))

@@ -6,6 +6,8 @@ Settings (the same for every family, each family's reference sampler underneath)
   aggressive  a fixed 32 tokens a step with no threshold (LLaDA: each 32-token block in one step; SDAR: blocks of 32
               decoded in one step each, eight of its native 4-token blocks at once)
   threshold   Fast-dLLM threshold decoding at 0.9
+TiDAR models have settings of their own: `tidar` (TiDAR decoding) and `ar` (the same model decoded
+autoregressively), both greedy.
 """
 from __future__ import annotations
 
@@ -16,6 +18,13 @@ from dllm.sampling_params import SamplingParams
 
 MAX_TOKENS = {"arith": 128, "gsm-lite": 128, "code-lite": 96}
 SETTINGS = ("reference", "aggressive", "threshold")
+FAMILY_SETTINGS = {"tidar": ("tidar", "ar")}   # families whose settings are strategies of their own
+
+
+def _family(path: str) -> str:
+    import json
+    from dllm.models.loader import resolve_path
+    return str(json.loads((resolve_path(path) / "config.json").read_text()).get("model_type", "")).lower()
 
 
 @dataclass
@@ -44,21 +53,28 @@ def setting(llm, name: str, task: str) -> tuple[str, SamplingParams]:
     return "reference", SamplingParams(max_tokens=g, steps=g // per_step, temperature=0, **extra)
 
 
-def evaluate(path: str, tasks=("arith", "gsm-lite", "code-lite"), settings=SETTINGS, num_problems: int = 200,
+def evaluate(path: str, tasks=("arith", "gsm-lite", "code-lite"), settings=None, num_problems: int = 200,
              device: str = "auto", batch_size: int = 256) -> list[TaskResult]:
     from dllm.api import LLM
     from dllm.eval.tasks import get_task
     from dllm.eval.tasks.chat import to_messages
     llms: dict[str, LLM] = {}
     results = []
+    own = FAMILY_SETTINGS.get(_family(path))
+    settings = settings or own or SETTINGS
+    if own:   # `reference` of a family with settings of its own: its own decoding (TiDAR: `tidar`)
+        settings = tuple(own[0] if s == "reference" else s for s in settings)
     for task_name in tasks:
         task = get_task(task_name)
         problems = task.generate("test", num_problems)
         for name in settings:
-            probe = llms.get("reference") or LLM(path, strategy="reference", cache="none", device=device,
-                                                 max_batch_size=batch_size)
-            llms.setdefault("reference", probe)
-            strategy, params = setting(probe, name, task_name)
+            if own:
+                strategy, params = name, SamplingParams(max_tokens=MAX_TOKENS[task_name], temperature=0)
+            else:
+                probe = llms.get("reference") or LLM(path, strategy="reference", cache="none", device=device,
+                                                     max_batch_size=batch_size)
+                llms.setdefault("reference", probe)
+                strategy, params = setting(probe, name, task_name)
             if strategy not in llms:
                 # no cache: the cards' settings are the strategies alone (not the defaults of dllm/defaults.py)
                 llms[strategy] = LLM(path, strategy=strategy, cache="none", device=device, max_batch_size=batch_size)
