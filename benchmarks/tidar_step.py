@@ -68,7 +68,7 @@ def time_steps(llm: LLM, batch: int, prompt_len: int, warmup: int, repeats: int,
     params = engine.resolve(SamplingParams(max_tokens=(warmup + repeats + 2) * (k + 1), temperature=0, ignore_eos=True))
     requests = [Request(f"r{i}", torch.randint(5, vocab, (prompt_len,), generator=g).tolist(), params)
                 for i in range(batch)]
-    run = engine.make_run(requests, stream=False)
+    run = engine.open_run(requests, stream=False)
     times = []
     with torch.no_grad():
         run._prefill()

@@ -121,7 +121,6 @@ class Engine:
         run_class = getattr(self.strategy_cls, "run_class", None)
         return (run_class() if run_class else _Run)(self, requests, stream, pool_rows=pool_rows)
 
-    make_run = open_run
 
 
 class _Run:

@@ -411,3 +411,17 @@ def with_stand_in_vocab(name: str, dst) -> pathlib.Path:
     (dst / "vocab.json").write_text(json.dumps(vocab))
     (dst / "merges.txt").write_text("#version: 0.2\n")
     return dst
+
+
+def break_after(run, steps: int, message: str = "poisoned"):
+    """Make a decoding run's strategy raise RuntimeError(message) from its (steps + 1)-th step on (a fault that
+    strikes mid-run, after some events were already streamed); returns the run."""
+    real_step, count = run.strategy.step, [0]
+
+    def step(*args, **kwargs):
+        count[0] += 1
+        if count[0] > steps:
+            raise RuntimeError(message)
+        return real_step(*args, **kwargs)
+    run.strategy.step = step
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from checkpoints import break_after
 from dllm import LLM, SamplingParams
 from dllm.errors import InvalidParameterError
 
@@ -198,14 +199,7 @@ def test_isolate_retries_a_failed_cohort_one_request_at_a_time(tiny_llada, monke
         run = real_open(batch, *args, **kwargs)
         sizes.append(len(batch))
         if any(r.prompt_token_ids[0] == 66 for r in batch):
-            real_step, count = run.strategy.step, [0]
-
-            def step(*args, **kwargs):           # the run breaks at its third step
-                count[0] += 1
-                if count[0] > 2:
-                    raise RuntimeError("poisoned")
-                return real_step(*args, **kwargs)
-            run.strategy.step = step
+            break_after(run, 2)                   # the run breaks at its third step
         return run
 
     monkeypatch.setattr(llm.engine, "open_run", open_run)

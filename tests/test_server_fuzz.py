@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 
+from checkpoints import break_after
 from dllm import SamplingParams
 from dllm.errors import InvalidParameterError
 from dllm.sampling_params import MAX_SEED
@@ -240,15 +241,8 @@ def test_a_batch_that_fails_is_retried_one_request_at_a_time(srv, llm, monkeypat
         run = real_open(requests, stream, pool_rows)
         bad = any(r.prompt_token_ids[-len(poison):] == poison for r in requests)
         calls.append((len(requests), bad))
-        if bad:
-            real_step, count = run.strategy.step, [0]
-
-            def step(*args, **kwargs):   # after some events were already streamed to the neighbours
-                count[0] += 1
-                if count[0] > 2:
-                    raise RuntimeError("poisoned\nsecond line")
-                return real_step(*args, **kwargs)
-            run.strategy.step = step
+        if bad:   # after some events were already streamed to the neighbours
+            break_after(run, 2, "poisoned\nsecond line")
         return run
 
     monkeypatch.setattr(llm.engine, "open_run", open_run)
