@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 STOP, PREPARE, FORWARD, SELECT = 0, 1, 2, 3
 _HEADER = 16                                   # int64 fields in every command header
 DEFAULT_TIMEOUT_S = 300
+# collectives that return on rank 0 only once every rank took part: after one, every worker has read the command
+# headers posted before it, so they can be deleted from the store
+_EVERY_RANK_DONE = (dist.gather, dist.all_reduce, dist.barrier)
 
 
 class DistributedError(DllmError):
@@ -130,7 +133,8 @@ class TPGroup:
         """Run a collective, turning a failed peer into one line."""
         try:
             out = fn(*args)
-            self.read_upto = self.seq
+            if fn in _EVERY_RANK_DONE:   # a broadcast can return at the root before a worker took part
+                self.read_upto = self.seq
             return out
         except (RuntimeError, dist.DistBackendError) as exc:
             self.closed = True
