@@ -26,8 +26,12 @@ except ImportError:  # pragma: no cover - depends on the installation
 FORCE_TRITON = False
 
 
-def use_triton(x: torch.Tensor) -> bool:
+def use_triton(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether x (and the other operands) take the kernel: CUDA, unit last stride, and no autograd: the kernels
+    have no backward, so a forward that trains (grad enabled and any operand requiring grad) runs eager."""
     if triton is None or os.environ.get("DLLM_DISABLE_TRITON") == "1":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
         return False
     return (x.is_cuda or FORCE_TRITON) and x.stride(-1) == 1
 
@@ -46,7 +50,7 @@ def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_fp3
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_fp32: bool = False) -> torch.Tensor:
-    if not use_triton(x):
+    if not use_triton(x, weight):
         return rms_norm_eager(x, weight, eps, weight_fp32)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch_norm(x, None, weight, out, None, eps, weight_fp32)
@@ -56,7 +60,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_fp32: boo
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  weight_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)); the sum is rounded to x's dtype first, as the eager residual add is."""
-    if not use_triton(x) or delta.stride(-1) != 1:
+    if not use_triton(x, delta, weight) or delta.stride(-1) != 1:
         h = x + delta
         return h, rms_norm_eager(h, weight, eps, weight_fp32)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -161,7 +165,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.T
          full_precision: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, L, H, D] and k [B, L, Hkv, D] by the table rows of `positions` [B, L]; contiguous outputs in
     the same layout."""
-    if not (use_triton(q) and use_triton(k)):
+    if not (use_triton(q, k) and use_triton(k)):
         c, s = cos[positions][:, :, None], sin[positions][:, :, None]
         return rope_eager(q, c, s, full_precision), rope_eager(k, c, s, full_precision)
     b, n, h, d = q.shape

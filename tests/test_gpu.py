@@ -114,3 +114,30 @@ def test_kernels_match_eager_definitions_on_the_device(dtype):
         qr, kr = ops.rope(q, k, pos, cos, sin, full)
         c, s = cos[pos][:, :, None], sin[pos][:, :, None]
         assert torch.equal(qr, ops.rope_eager(q, c, s, full)) and torch.equal(kr, ops.rope_eager(k, c, s, full))
+
+
+@pytest.mark.parametrize("family", ["ar", "tidar"])  # deterministic objectives (no noise draws)
+def test_training_gradients_on_the_device_match_the_cpu(family):
+    """The fused kernels have no backward: a training forward on CUDA must take the eager ops, so its gradients
+    are the CPU's (float32). Before this held, GPU training silently left every layer below a kernel untrained."""
+    from dllm.models.core import Transformer
+    from dllm.train.data import Batch
+    from dllm.train.objectives import OBJECTIVES
+    from dllm.train.trainer import TrainConfig, _init, arch_for
+    cfg = TrainConfig(family=family, out="unused", tokenizer="unused", hidden_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=128, seq_len=24)
+    grads = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = Transformer(arch_for(cfg, 128)).to(device)
+        _init(model, 0)
+        ids = torch.randint(4, 128, (3, 24), generator=torch.Generator().manual_seed(1)).to(device)
+        batch = Batch(ids=ids, prompt_len=torch.tensor([5, 8, 3], device=device),
+                      answer_len=torch.tensor([19, 16, 21], device=device))
+        loss = OBJECTIVES[family](model, batch, 1, **cfg.objective_options)
+        loss.backward()
+        grads.append({n: p.grad.cpu() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        err = ((grads[1][name] - g).norm() / g.norm().clamp(min=1e-12)).item()
+        assert err < 1e-4, (name, err, g.norm().item(), grads[1][name].norm().item())

@@ -61,6 +61,17 @@ SCRIPT = textwrap.dedent('''
             assert qr.is_contiguous() and kr.is_contiguous()
             same(qr, want_q, dtype)
             same(kr, want_k, dtype)
+
+    # The kernels have no backward: a forward that trains takes the eager ops, so gradients reach every operand.
+    x, w = torch.randn(3, 48, requires_grad=True), torch.randn(48, requires_grad=True)
+    gu = torch.randn(3, 80, requires_grad=True)
+    q, k = torch.randn(1, 3, 2, 16, requires_grad=True), torch.randn(1, 3, 1, 16, requires_grad=True)
+    qr, kr = ops.rope(q, k, torch.arange(3)[None], cos, sin, True)
+    loss = ops.rms_norm(x, w, 1e-6).sum() + ops.add_rms_norm(x, x * 2, w, 1e-6)[1].sum() + ops.silu_mul(gu).sum()
+    (loss + qr.sum() + kr.sum()).backward()
+    assert all(t.grad is not None for t in (x, w, gu, q, k))
+    with torch.no_grad():
+        assert ops.use_triton(x)                      # inference still takes the kernels
     print("ok")
 ''')
 
