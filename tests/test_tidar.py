@@ -199,22 +199,17 @@ def test_batch_composition_does_not_change_a_row(tiny_tidar):
     assert alone == together
 
 
-def test_trained_zoo_model_if_bundled(tiny_tidar):
-    """On tiny-tidar (bundled once trained; the random checkpoint otherwise): TiDAR's tokens are AR's, in fewer forwards."""
-    path = bundled_path("tiny-tidar") or (MODELS_DIR / "tiny-tidar" if (MODELS_DIR / "tiny-tidar" / "config.json").is_file()
-                                          else tiny_tidar)
+def test_bundled_tiny_tidar_gives_ar_tokens_in_fewer_forwards():
+    """On the bundled tiny-tidar: TiDAR's tokens are its AR decoding's, in fewer forwards (its accuracy bars and
+    tokens per forward: tests/test_zoo.py)."""
+    path = bundled_path("tiny-tidar")
     llm, ar = LLM(str(path), strategy="tidar", device="cpu"), LLM(str(path), strategy="ar", device="cpu")
     msgs = [[{"role": "user", "content": q}] for q in ("What is 12 + 30?", "What is 7 * 8?", "What is 100 - 1?")]
     params = SamplingParams(max_tokens=48, temperature=0)
     got, want = llm.chat(msgs, params), ar.chat(msgs, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(w.metrics.nfe == len(w.token_ids) for w in want)
-    if path != tiny_tidar:   # the trained model: drafts are accepted, and it holds the zoo's accuracy bars
-        from dllm.zoo.evaluate import evaluate
-        assert sum(len(o.token_ids) for o in got) / sum(o.metrics.nfe for o in got) > 1.5
-        bars = {"arith": 0.95, "gsm-lite": 0.90, "code-lite": 0.80}
-        for r in evaluate(str(path), settings=("tidar",), num_problems=10, device="cpu"):
-            assert r.accuracy >= bars[r.task], f"tiny-tidar {r.task}: {r.accuracy:.2f} < {bars[r.task]}"
+    assert sum(len(o.token_ids) for o in got) / sum(o.metrics.nfe for o in got) > 3
 
 
 # ---------------------------------------------------------------------------------------------- training

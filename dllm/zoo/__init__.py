@@ -8,7 +8,7 @@ import pathlib
 MODELS_DIR = pathlib.Path(__file__).resolve().parent / "models"
 FILTERS_DIR = pathlib.Path(__file__).resolve().parent / "filters"   # Learn2PD filters, one per zoo model
 DEFAULT_MODEL = "tiny-llada"
-ZOO_MODELS = ("tiny-llada", "tiny-dream", "tiny-sdar", "tiny-ar")
+ZOO_MODELS = ("tiny-llada", "tiny-dream", "tiny-sdar", "tiny-ar", "tiny-tidar")
 
 
 def bundled_path(name: str) -> pathlib.Path | None:
