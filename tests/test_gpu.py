@@ -128,9 +128,9 @@ def test_training_gradients_on_the_device_match_the_cpu(family):
                       num_kv_heads=2, intermediate_size=128, seq_len=24)
     grads = []
     for device in ("cpu", "cuda"):
-        torch.manual_seed(0)
-        model = Transformer(arch_for(cfg, 128)).to(device)
-        _init(model, 0)
+        model = Transformer(arch_for(cfg, 128))
+        _init(model, 0)                       # on the CPU (its generator is the model's device's), then moved
+        model.to(device)
         ids = torch.randint(4, 128, (3, 24), generator=torch.Generator().manual_seed(1)).to(device)
         batch = Batch(ids=ids, prompt_len=torch.tensor([5, 8, 3], device=device),
                       answer_len=torch.tensor([19, 16, 21], device=device))

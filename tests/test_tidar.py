@@ -6,14 +6,17 @@
 - Exact cache: the AR logits of every step equal those of a full uncached forward of the same sequence.
 - The training mask and loss against a loop-by-loop re-implementation.
 - Speculative rejection sampling keeps the AR distribution (joint of two committed tokens, 200k draws).
-- Bad options are one-line errors.
+- Bad options are one-line errors; the bundled model decodes through the CLI and a live server as through the API.
 """
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -345,3 +348,26 @@ def test_next_drafts_come_from_the_accepted_branch_after_the_committed_tokens():
     run = SimpleNamespace(k=k, device=torch.device("cpu"), temperature=0, rows=[], drafts=None)
     TiDARRun._take_drafts(run, pre, torch.tensor([1, 3]), torch.tensor([True, False]))
     assert run.drafts.tolist() == [[11, 12, 13], [30, 31, 32]]
+
+
+def test_cli_and_server_decode_with_tidar(tmp_path):
+    """The bundled tiny-tidar through `dllm generate` and a live `dllm serve` (the official openai client,
+    streamed): the API's tokens and text."""
+    import openai
+    from test_server import API_KEY, MODEL, ServerProcess
+    question = "What is 12 + 30?"
+    msgs = [{"role": "user", "content": question}]
+    want = LLM("tiny-tidar", strategy="tidar", device="cpu").chat([msgs], SamplingParams(max_tokens=48, temperature=0))[0]
+    r = subprocess.run([sys.executable, "-m", "dllm.cli", "generate", "--model", "tiny-tidar", "--strategy", "tidar",
+                        "--chat", "--max-tokens", "48", "--temperature", "0", "--device", "cpu", "--json"],
+                       input=question, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+    srv = ServerProcess(bundled_path("tiny-tidar"), tmp_path / "serve.log", "--api-key", API_KEY, "--strategy", "tidar")
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=48, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
+    finally:
+        srv.stop()
