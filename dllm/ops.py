@@ -27,13 +27,14 @@ FORCE_TRITON = False
 
 
 def use_triton(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether x (and the other operands) take the kernel: CUDA, unit last stride, and no autograd: the kernels
-    have no backward, so a forward that trains (grad enabled and any operand requiring grad) runs eager."""
+    """Whether an op on x and its other operands takes the kernel: CUDA, every operand with unit stride in its
+    last dimension, and no autograd (the kernels have no backward, so a forward that trains runs eager)."""
     if triton is None or os.environ.get("DLLM_DISABLE_TRITON") == "1":
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
+    operands = (x, *others)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
         return False
-    return (x.is_cuda or FORCE_TRITON) and x.stride(-1) == 1
+    return (x.is_cuda or FORCE_TRITON) and all(t.stride(-1) == 1 for t in operands)
 
 
 # ----------------------------------------------------------------------------------------------- RMSNorm
@@ -60,7 +61,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_fp32: boo
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  weight_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)); the sum is rounded to x's dtype first, as the eager residual add is."""
-    if not use_triton(x, delta, weight) or delta.stride(-1) != 1:
+    if not use_triton(x, delta, weight):
         h = x + delta
         return h, rms_norm_eager(h, weight, eps, weight_fp32)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -165,7 +166,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.T
          full_precision: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, L, H, D] and k [B, L, Hkv, D] by the table rows of `positions` [B, L]; contiguous outputs in
     the same layout."""
-    if not (use_triton(q, k) and use_triton(k)):
+    if not use_triton(q, k):
         c, s = cos[positions][:, :, None], sin[positions][:, :, None]
         return rope_eager(q, c, s, full_precision), rope_eager(k, c, s, full_precision)
     b, n, h, d = q.shape
