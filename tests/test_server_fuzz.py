@@ -371,6 +371,35 @@ def test_sigterm_past_the_shutdown_timeout_answers_503_and_ends_streams_then_exi
         srv.stop()
 
 
+def test_an_abort_ends_a_reader_with_the_error_even_behind_an_event_it_has_not_read(llm):
+    # a reader that lags behind its request's events must still get the 503 when the server aborts: abort_all
+    # marks the request cancelled before it queues the error, and the earlier event must not end the loop quietly
+    from dllm.engine import Request
+    from dllm.server.engine_client import EngineClient
+    from dllm.server.errors import ServerClosingError
+
+    async def scenario():
+        client = EngineClient(llm, max_batch_size=1, max_wait_ms=0)
+        await client.start()
+        engine = client.engine("none", "reference")
+        params = engine.resolve(SamplingParams(max_tokens=256, block_length=8, ignore_eos=True, seed=0))
+        handle = client.submit([(engine, Request("r0", [5, 6, 7], params, None))])
+        for _ in range(600):
+            if handle._queue.qsize() >= 1:
+                break
+            await asyncio.sleep(0.01)
+        assert handle._queue.qsize() >= 1, "no event reached the handle"
+        client.abort_all()
+        received = []
+        with pytest.raises(ServerClosingError):
+            async for event in handle:
+                received.append(event)
+        assert received == []   # the queued event belongs to a request the server has aborted
+        await client.shutdown()
+
+    asyncio.run(scenario())
+
+
 def test_a_chat_template_that_refuses_the_messages_is_a_400(srv, llm, monkeypatch):
     import jinja2
 

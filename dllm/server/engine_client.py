@@ -69,6 +69,7 @@ class RequestHandle:
     def __init__(self) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
         self.items: dict[str, _Item] = {}
+        self._error: ApiError | None = None
 
     def __aiter__(self):
         return self._events()
@@ -85,6 +86,10 @@ class RequestHandle:
             if event.output is not None:
                 open_ids.discard(event.request_id)
             yield event
+        # the server marks the requests it aborts as cancelled before it queues their error, so an event queued
+        # earlier can end the loop on that flag: the error still ends the iteration
+        if self._error is not None:
+            raise self._error
 
     def cancel(self, request_id: str | None = None, reason: str = "cancelled") -> None:
         """Cancel one engine request of this handle, or all of them; their later events are dropped. `reason`
@@ -96,6 +101,8 @@ class RequestHandle:
         self._queue.put_nowait(_WAKE)
 
     def _put(self, event: StreamEvent | ApiError) -> None:
+        if isinstance(event, ApiError) and self._error is None:
+            self._error = event
         self._queue.put_nowait(event)
 
 
