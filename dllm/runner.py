@@ -24,10 +24,15 @@ stay valid from run to run and runs decoding side by side (the step scheduler's 
 that finds no free range big enough gets storage of its own and runs eagerly; `release` gives its slots back.
 Logits returned by a graph live in its static output: they are valid until the next forward.
 
-`forward_merged` runs the same-shape forwards of several runs (the step scheduler's cohorts) as one model call:
-one batch through the projections, MLPs and logits, attention per run over its own K/V (`_MergedPlan`), so no
-run's storage moves and every row is computed as its own run's forward would. It runs eagerly: `merge_key`
-merges nothing when graphs are on, under tensor parallelism, or for plans that hook every layer.
+`forward_merged` runs the same-shape forwards of several runs (the step scheduler's cohorts) as one model call,
+and every row is computed as its own run's forward would compute it. On CUDA the merged call is itself a canonical
+forward, graphed like any other (`_merge_pool`): one batch over the pool's rows [0, S), each run's rows at its own
+slots (its K/V stay where they are), every other row a filler that writes and reads only the pool's last column,
+which the runner never hands to a run; S is the bucket of the highest slot in use, so the graph's key does not
+depend on which runs take part. Forwards without K/V buffers are stacked (`_merge_rows`). The CPU merges eagerly
+with attention per run over its own K/V (`_MergedPlan`; tests switch the pool form on with `merge_in_pool`).
+Nothing is merged under tensor parallelism, for plans that hook every layer, or for runs with storage of their
+own on CUDA.
 """
 from __future__ import annotations
 
@@ -50,6 +55,11 @@ from dllm.models.spec import ArchConfig
 logger = logging.getLogger(__name__)
 
 _LENGTH_GRAIN = 256      # pool columns are allocated in multiples of this
+# A forward reads every weight once, which takes about as long as computing this many fed tokens on a GPU such as
+# the H200 (bf16: ~990 TFLOP/s over ~4.8 TB/s is ~200 FLOP a byte; a token costs 2 FLOP a parameter, reading it 2
+# bytes): a merged forward's filler rows (fed tokens computed for nothing) are worth it while they are fewer than
+# this many tokens for every call the merge saves.
+_CALL_TOKENS = 256
 DEFAULT_MAX_GRAPHS = 64
 
 
@@ -147,6 +157,10 @@ class ModelRunner:
         # fed widths over cached K/V are padded to `width_bucket` on CUDA (both paths, as batches are padded to
         # their bucket); the CPU runs them as they come (tests switch it on to check the padding changes nothing)
         self.pad_widths = self.on_cuda
+        # batches padded to their bucket and pool ranges bucket-sized (CUDA; tests switch it on for the CPU)
+        self.pad_rows = self.on_cuda
+        # merged forwards as one canonical forward over the pool's rows (graphable) rather than per-run attention
+        self.merge_in_pool = self.on_cuda
         self.pool: KVPool | None = None
         self.taken: dict[int, int] = {}   # pool slots held by unfinished runs: offset -> slots
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -172,12 +186,13 @@ class ModelRunner:
         """Make room for a run of `rows` rows over `length` columns (K/V pool and rotary table)."""
         if self.group is not None:
             self.group.post(PREPARE, rows, length)
-        slots = batch_bucket(rows) if self.on_cuda else rows
+        slots = batch_bucket(rows) if self.pad_rows else rows
         # while other runs hold views of the pool it cannot move (kv_buffers then finds room or allocates)
-        if not self.taken and (self.pool is None or self.pool.slots < slots or self.pool.length < length):
+        # (+ 1: the pool's last column is no run's; merged forwards' filler rows write there)
+        if not self.taken and (self.pool is None or self.pool.slots < slots or self.pool.length <= length):
             old = self.pool
             slots = max(slots, old.slots if old else 0)
-            cols = max(-(-length // _LENGTH_GRAIN) * _LENGTH_GRAIN, old.length if old else 0)
+            cols = max(-(-(length + 1) // _LENGTH_GRAIN) * _LENGTH_GRAIN, old.length if old else 0)
             self.pool = None
             self.clear_graphs()
             self.pool = KVPool(self.arch, slots, cols, self.dtype, self.device)
@@ -190,8 +205,8 @@ class ModelRunner:
         (a batch bucket of them on CUDA, so padding rows stay inside), held until `release`; storage of its own
         when the pool has no free range that big. Under tensor parallelism every rank compacts its own shard when
         rows leave."""
-        slots = batch_bucket(rows) if self.on_cuda else rows
-        offset = self._free_range(slots) if self.pool is not None and self.pool.length >= length else None
+        slots = batch_bucket(rows) if self.pad_rows else rows
+        offset = self._free_range(slots) if self.pool is not None and self.pool.length > length else None
         if offset is None:
             if self.group is not None:
                 raise DistributedError("the K/V pool is held by another run; under tensor parallelism runs decode "
@@ -248,31 +263,62 @@ class ModelRunner:
         rows = ids.shape[0]
         if self.group is not None:
             send_inputs(self.group, inputs)
-        logits = self.run_eager(inputs) if not self.use_graphs else self._graphed(inputs)
+        logits = self._run(inputs)
         if self.group is not None:
             logits = gather_logits(self.group, logits)
         return logits[:rows]
 
     def merge_key(self, ids: torch.Tensor, plan, logits_index: torch.Tensor) -> tuple | None:
         """Forwards (of different runs) with equal keys can run as one `forward_merged`; None: this one runs by
-        itself. Merged forwards run eagerly, so with CUDA graphs (and under tensor parallelism, and for plans
-        that hook every layer) nothing is merged."""
-        if self.use_graphs or self.group is not None or hasattr(plan, "attention") or hasattr(plan, "layer_input"):
+        itself (under tensor parallelism, plans that hook every layer, and in the pool form storage of a run's
+        own)."""
+        if self.group is not None or hasattr(plan, "attention") or hasattr(plan, "layer_input"):
             return None
-        return ids.shape[1], logits_index.shape[1], ids.device
+        if not self.merge_in_pool:
+            return ids.shape[1], logits_index.shape[1], ids.device
+        buffers = plan.buffers
+        if buffers is not None and not self._graphable(buffers):
+            return None
+        width = width_bucket(ids.shape[1]) if self.pad_widths and buffers is not None else ids.shape[1]
+        return buffers is None, width, logits_index.shape[1], ids.device
 
     def forward_merged(self, calls: list[tuple]) -> list[torch.Tensor]:
         """Several runs' forwards (`forward`'s arguments each, equal `merge_key`s) as one model call: the
-        projections, MLPs and logits batched over all their rows, attention per run over its own K/V storage.
+        projections, MLPs and logits batched over all their rows, each row attending to its own run's K/V.
         Returns each call's logits."""
         if len(calls) == 1:
             return [self.forward(*calls[0])]
         inputs = [self._canonical(*call) for call in calls]
+        if self.merge_in_pool:
+            return self._forward_in_pool(calls, inputs)
         rows = [i.ids.shape[0] for i in inputs]
         plan = _MergedPlan([(_StepPlan(i.write, i.mask, i.buffers), n) for i, n in zip(inputs, rows)])
         logits = self.model(torch.cat([i.ids for i in inputs]), torch.cat([i.positions for i in inputs]), plan,
                             logits_index=torch.cat([i.logits_index for i in inputs]), rope_table=self.rope)
         return list(logits.split(rows))
+
+    def _forward_in_pool(self, calls: list[tuple], inputs: list[_Inputs]) -> list[torch.Tensor]:
+        """The pool form of a merged forward: one canonical forward (graphed on CUDA like any other), unless
+        the shapes differ after padding or the pool's rows between the runs' would cost more than the calls
+        saved (`_CALL_TOKENS`): then one call each."""
+        rows = [call[0].shape[0] for call in calls]
+        shapes = {(i.ids.shape[1], i.logits_index.shape[1], i.buffers is None) for i in inputs}
+        fillers = 0
+        if inputs[0].buffers is not None:
+            end = max(i.buffers.offset + i.ids.shape[0] for i in inputs)
+            fillers = (batch_bucket(end) if self.pad_rows else end) - sum(i.ids.shape[0] for i in inputs)
+        if len(shapes) > 1 or fillers * inputs[0].ids.shape[1] > (len(inputs) - 1) * _CALL_TOKENS:
+            return [self._run(i)[:n] for i, n in zip(inputs, rows)]
+        if inputs[0].buffers is None:
+            merged, starts = _merge_rows(inputs, rows, self.pad_rows)
+        else:
+            merged, starts = _merge_pool(self.pool, inputs, self.pad_rows)
+        # (a key of its own: a strategy's forward between two runs' commits must not replay this graph's output)
+        logits = self._run(merged, merged=True)
+        return [logits[s:s + n] for s, n in zip(starts, rows)]
+
+    def _run(self, inputs: _Inputs, merged: bool = False) -> torch.Tensor:
+        return self._graphed(inputs, merged) if self.use_graphs else self.run_eager(inputs)
 
     def serve_command(self, fields: tuple) -> None:
         """A worker rank: carry out one of rank 0's commands (see dllm/distributed.py)."""
@@ -284,7 +330,7 @@ class ModelRunner:
             self.pool.view(fields[1], fields[2]).select_rows(keep)
         elif fields[0] == FORWARD:
             inputs = receive_inputs(fields, self.pool, self.device)
-            logits = self.run_eager(inputs) if not self.use_graphs else self._graphed(inputs)
+            logits = self._run(inputs)
             dist.gather(logits.contiguous(), None, dst=0)
 
     def run_eager(self, inputs: _Inputs) -> torch.Tensor:
@@ -295,10 +341,10 @@ class ModelRunner:
         """Graphs capture addresses: only the runner's own pool (or no buffers at all) stays put between runs."""
         return buffers is None or (self.pool is not None and self.pool.owns(buffers))
 
-    def _graphed(self, inputs: _Inputs) -> torch.Tensor:
+    def _graphed(self, inputs: _Inputs, merged: bool = False) -> torch.Tensor:
         if not self._graphable(inputs.buffers):
             return self.run_eager(inputs)
-        key = inputs.key()
+        key = (*inputs.key(), merged)
         graph = self.graphs.get(key)
         if graph is not None:
             self.graphs.move_to_end(key)
@@ -338,13 +384,60 @@ class ModelRunner:
             mask = _pad_keys(plan.attn_mask, plan.read_end, length, rows, ids.device)
         if self.pad_widths and buffers is not None and self._graphable(buffers):
             ids, positions, write, mask = _pad_width(ids, positions, write, mask, width_bucket(width))
-        padded = batch_bucket(rows) if self.on_cuda else rows
+        padded = batch_bucket(rows) if self.pad_rows else rows
         if padded != rows and self._graphable(buffers):
             ids, positions, logits_index, write, mask = (_pad_rows(t, padded) for t in
                                                          (ids, positions, logits_index, write, mask))
             if buffers is not None:
                 buffers = self.pool.view(padded, length, buffers.offset)
         return _Inputs(ids, positions, logits_index, write, mask, buffers)
+
+
+def _merge_pool(pool: KVPool, parts: list[_Inputs], bucket: bool) -> tuple[_Inputs, list[int]]:
+    """Canonical forwards over views of `pool` (equal fed and logit widths) -> one over the pool's rows [0, S)
+    (S: the bucket of the highest slot they hold) and each part's first row. A part's rows sit at its own slots
+    with its keys padded to the pool's length (hidden); every other row is a filler whose fed slots write the
+    pool's last column, the only key it reads: no run's view holds that column."""
+    first = parts[0]
+    end = max(p.buffers.offset + p.ids.shape[0] for p in parts)
+    rows = batch_bucket(end) if bucket else end
+    width, lq, length, dev = first.ids.shape[1], first.logits_index.shape[1], pool.length, first.ids.device
+    lm = 1 if all(p.mask is None or p.mask.shape[2] == 1 for p in parts) else width
+    at = torch.tensor([r for p in parts for r in range(p.buffers.offset, p.buffers.offset + p.ids.shape[0])],
+                      device=dev)
+    ids, positions = first.ids.new_zeros(rows, width), first.positions.new_zeros(rows, width)
+    index = first.logits_index.new_zeros(rows, lq)
+    write = first.write.new_full((rows, width), length - 1)
+    mask = torch.zeros(rows, 1, lm, length, dtype=torch.bool, device=dev)
+    mask[..., length - 1] = True
+    part_masks = []
+    for p in parts:
+        n, cols = p.ids.shape[0], p.buffers.k[0].shape[2]
+        m = torch.zeros(n, 1, lm, length, dtype=torch.bool, device=dev)
+        m[..., :cols] = True if p.mask is None else p.mask
+        part_masks.append(m)
+    for full, part in ((ids, [p.ids for p in parts]), (positions, [p.positions for p in parts]),
+                       (index, [p.logits_index for p in parts]), (write, [p.write for p in parts]),
+                       (mask, part_masks)):
+        full[at] = torch.cat(part)
+    return _Inputs(ids, positions, index, write, mask, pool.view(rows, length, 0)), [p.buffers.offset for p in parts]
+
+
+def _merge_rows(parts: list[_Inputs], rows: list[int], bucket: bool) -> tuple[_Inputs, list[int]]:
+    """Canonical forwards without K/V buffers (equal widths) -> their real rows stacked, padded to a bucket, and
+    each part's first row."""
+    total = sum(rows)
+    padded = batch_bucket(total) if bucket else total
+    mask = None
+    if any(p.mask is not None for p in parts):
+        lq, lk = max(1 if p.mask is None else p.mask.shape[2] for p in parts), parts[0].ids.shape[1]
+        mask = torch.cat([(torch.ones(1, 1, 1, lk, dtype=torch.bool, device=p.ids.device) if p.mask is None
+                           else p.mask[:n]).expand(n, 1, lq, lk) for p, n in zip(parts, rows)])
+    stacked = [torch.cat([getattr(p, name)[:n] for p, n in zip(parts, rows)])
+               for name in ("ids", "positions", "logits_index")]
+    ids, positions, index, mask = (_pad_rows(t, padded) for t in (*stacked, mask))
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    return _Inputs(ids, positions, index, None, mask, None), starts
 
 
 def width_bucket(w: int) -> int:

@@ -31,9 +31,12 @@ factor, steps, max_tokens, stop ids or remasking, do not split a step) run as on
 and logits batched over all their rows and attention per cohort over its own K/V storage, and then every cohort
 commits from its rows' logits. Forwards of other shapes (a block start beside in-block steps, another block
 length, the no-cache canvas of another length, guidance's doubled rows) run in the same step as separate calls:
-the rule is "same step, one call per shape". Not merged: a run whose cache hooks every layer (Elastic-Cache), a
-retried request (below), tensor parallelism, and forwards replayed by CUDA graphs (merged calls run eagerly, so
-on CUDA each cohort keeps its own graphed forward; no graph is recaptured when rows join or leave).
+the rule is "same step, one call per shape". On CUDA a merged call is one canonical forward over the K/V pool's
+rows, cohorts' rows at their own slots and filler rows between them, graphed like any other (its key is the
+pool's highest slot in use, not which cohorts take part, so no graph is recaptured when rows join or leave; see
+`ModelRunner.forward_merged`). Not merged: a run whose cache hooks every layer (Elastic-Cache), a retried request
+(below), tensor parallelism, and on CUDA a cohort with K/V storage of its own or a merge whose filler rows would
+cost more than the calls it saves.
 
 Batch invariance: a cohort decodes as a static batch of its members would, rows leave a cohort without changing
 the others' arithmetic, and a merged call computes each row as its own cohort's call would, so at temperature 0

@@ -4,7 +4,8 @@
   (`enforce_eager=True`, the same kernels launched one by one) for every strategy x cache of every family, in
   bfloat16 and float32, with batches padded to their bucket (3 rows -> 4) and rows finishing early;
 - in float32 a row of a padded batch gets the tokens it gets alone, and CUDA matches the CPU;
-- the fused kernels match their eager definitions on the device.
+- the fused kernels match their eager definitions on the device;
+- the step scheduler's merged forwards, graphed, give each request its tokens alone (float32).
 """
 from __future__ import annotations
 
@@ -66,6 +67,23 @@ def test_graphs_emit_the_eager_tokens(model, cache, strategy, dtype):
     assert got == want
     if cache != "elastic":   # Elastic-Cache plans have per-layer hooks: they always run eagerly
         assert graph.engine.runner.stats()["graphs"] > 0
+
+
+@pytest.mark.parametrize("model,cache", [("tiny-llada", "dual"), ("tiny-llada", "dkv"), ("tiny-llada", "none"),
+                                         ("tiny-dream", "dual"), ("tiny-sdar", "block")])
+def test_graphed_merged_forwards_give_each_request_its_tokens_alone_in_float32(model, cache):
+    """Staggered arrivals through the step scheduler with graphs on: cohorts' forwards of one shape run as one
+    graphed call over the pool's rows (filler rows between them), twice so the second pass replays the captured
+    merged graphs, and every request gets the tokens it gets alone."""
+    from test_scheduler import staggered_arrivals
+
+    llm = LLM(model, cache=cache, strategy="reference", device="cuda", dtype="float32",
+              max_batch_size=6)
+    for _ in range(2):
+        results = staggered_arrivals(llm, model == "tiny-sdar")
+        for rid, (prompt, params, output) in results.items():
+            assert output.outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids, rid
+    assert any(key[-1] for key in llm.engine.runner.graphs), "no merged forward was captured"
 
 
 @pytest.mark.parametrize("model", list(FAMILIES))

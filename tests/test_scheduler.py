@@ -230,13 +230,16 @@ def test_isolate_retries_a_failed_cohort_one_request_at_a_time(tiny_llada, monke
     assert not llm.scheduler.cohorts
 
 
+@pytest.mark.parametrize("in_pool", [False, True], ids=["per-run", "in-pool"])
 @pytest.mark.parametrize("fixture,cache", CASES)
-def test_cohorts_with_one_forward_shape_share_one_model_call(request, fixture, cache):
+def test_cohorts_with_one_forward_shape_share_one_model_call(request, fixture, cache, in_pool):
     """Two cohorts one step apart (same settings and prompt length): once their forwards have the same shape
-    they run as one model call (rows of both, attention per cohort over its own K/V), and each request's
-    tokens equal decoding it alone."""
+    they run as one model call (rows of both, each attending to its own cohort's K/V), and each request's
+    tokens equal decoding it alone. Both forms of the merged call: attention per cohort (the CPU's) and one
+    canonical forward over the pool's rows (CUDA's, the one its graphs capture)."""
     llm = LLM(str(request.getfixturevalue(fixture)), cache=cache, strategy="reference", device="cpu",
               dtype="float32", max_batch_size=4)
+    llm.engine.runner.merge_in_pool = in_pool
     one_a_step = dict(steps=8, remasking="low_confidence_static") if fixture == "tiny_sdar" else {"steps": 32}
     params = SamplingParams(**LONG, **one_a_step)
     first = llm.add_request([5, 6, 7, 8], params)
@@ -256,3 +259,69 @@ def test_cohorts_with_one_forward_shape_share_one_model_call(request, fixture, c
         assert merged == 0
     for rid, prompt in ((first, [5, 6, 7, 8]), (second, [9, 10, 11, 12])):
         assert outputs[rid].outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids
+
+
+POOL_CASES = [("tiny_llada", "none"), ("tiny_llada", "prefix"), ("tiny_llada", "dual"), ("tiny_llada", "dkv"),
+              ("tiny_llada", "freecache"), ("tiny_dream", "dual"), ("tiny_sdar", "block")]
+
+
+def staggered_arrivals(llm, sdar: bool) -> dict:
+    """Requests arriving over four steps: a cohort of two whose second row leaves after a block, a cohort in
+    another phase (another block length) between later ones, canvases of two lengths. -> {request id: (prompt,
+    params, output)}."""
+    steps = (lambda n: dict(steps=n // 4, remasking="low_confidence_static")) if sdar else \
+        (lambda n: {"steps": n})
+    long = SamplingParams(**{**LONG, "max_tokens": 24}, **steps(24))
+    early_end = SamplingParams(**{**LONG, "max_tokens": 8}, **steps(8))     # same cohort, leaves after a block
+    other_block = SamplingParams(max_tokens=16, block_length=4, ignore_eos=True, seed=3, **steps(16))
+    arrivals = {0: [([5, 6, 7, 8], long), ([9, 10, 11, 12], early_end)], 1: [([13, 14, 15], other_block)],
+                2: [([16, 17, 18, 19], long)], 3: [([20, 21, 22, 23, 24, 25], long)]}
+    requests, outputs, step = {}, {}, 0
+    while step in arrivals or llm.has_unfinished_requests():
+        for prompt, params in arrivals.get(step, []):
+            requests[llm.add_request(prompt, params)] = (prompt, params)
+        for event in llm.step():
+            if event.output is not None:
+                outputs[event.request_id] = event.output
+        step += 1
+    return {rid: (prompt, params, outputs[rid]) for rid, (prompt, params) in requests.items()}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
+@pytest.mark.parametrize("fixture,cache", POOL_CASES)
+def test_merged_forwards_over_the_pool_change_no_cohort_s_tokens(request, fixture, cache, padded, monkeypatch):
+    """The pool form of a merged call (CUDA's) with filler rows: a row that left its cohort early, a cohort in
+    another phase whose slots sit between the merged ones, canvases of other lengths. Every request gets exactly
+    its tokens decoding alone, and no run's K/V view holds the pool's last column (where the fillers write).
+    `padded`: rows and fed widths padded to their buckets as on CUDA (the eager form of what graphs replay)."""
+    import dllm.runner as runner_module
+
+    llm = LLM(str(request.getfixturevalue(fixture)), cache=cache, strategy="reference", device="cpu",
+              dtype="float32", max_batch_size=6)
+    runner = llm.engine.runner
+    runner.merge_in_pool = True
+    runner.pad_rows = runner.pad_widths = padded
+    merged_calls = []
+    original_pool, original_rows = runner_module._merge_pool, runner_module._merge_rows
+
+    def recording(pool, parts, bucket):
+        out = original_pool(pool, parts, bucket)
+        merged_calls.append((out[0].ids.shape[0], sum(p.ids.shape[0] for p in parts)))
+        assert all(p.buffers.k[0].shape[2] < pool.length for p in parts)
+        return out
+
+    def stacking(parts, rows, bucket):
+        merged_calls.append((None, sum(rows)))
+        return original_rows(parts, rows, bucket)
+
+    monkeypatch.setattr(runner_module, "_merge_pool", recording)
+    monkeypatch.setattr(runner_module, "_merge_rows", stacking)
+    results = staggered_arrivals(llm, fixture == "tiny_sdar")
+    monkeypatch.undo()
+    if cache != "none":
+        assert any(rows > real for rows, real in merged_calls), f"no merged call had filler rows: {merged_calls}"
+    else:   # no K/V buffers: the rows are stacked
+        assert merged_calls, "nothing was merged: the test checks nothing"
+    for rid, (prompt, params, output) in results.items():
+        assert output.outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids, rid
+    assert runner.taken == {}
