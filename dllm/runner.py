@@ -31,8 +31,10 @@ slots (its K/V stay where they are), every other row a filler that writes and re
 which the runner never hands to a run; S is the bucket of the highest slot in use, so the graph's key does not
 depend on which runs take part. Forwards without K/V buffers are stacked (`_merge_rows`). The CPU merges eagerly
 with attention per run over its own K/V (`_MergedPlan`; tests switch the pool form on with `merge_in_pool`).
-Nothing is merged under tensor parallelism, for plans that hook every layer, or for runs with storage of their
-own on CUDA.
+Nothing is merged under tensor parallelism, for plans that hook every layer, across runners, or for runs with
+storage of their own on CUDA. A merged row attends under a mask over the pool's full length, where alone a forward
+whose keys are all visible takes the unmasked (flash) kernel: the same attention, but not the same bf16 rounding,
+so in bf16 a request's tokens may differ from decoding it alone (float32 tokens do not: tests/test_scheduler.py).
 """
 from __future__ import annotations
 
@@ -169,6 +171,7 @@ class ModelRunner:
         self.max_graphs = max_graphs
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.capture_seconds = 0.0
+        self.merged_calls = 0   # model calls the last forward_merged made
         self.num_captures = 0
 
     @classmethod
@@ -275,17 +278,18 @@ class ModelRunner:
         if self.group is not None or hasattr(plan, "attention") or hasattr(plan, "layer_input"):
             return None
         if not self.merge_in_pool:
-            return ids.shape[1], logits_index.shape[1], ids.device
+            return id(self), ids.shape[1], logits_index.shape[1]
         buffers = plan.buffers
         if buffers is not None and not self._graphable(buffers):
             return None
         width = width_bucket(ids.shape[1]) if self.pad_widths and buffers is not None else ids.shape[1]
-        return buffers is None, width, logits_index.shape[1], ids.device
+        return id(self), buffers is None, width, logits_index.shape[1]
 
     def forward_merged(self, calls: list[tuple]) -> list[torch.Tensor]:
         """Several runs' forwards (`forward`'s arguments each, equal `merge_key`s) as one model call: the
         projections, MLPs and logits batched over all their rows, each row attending to its own run's K/V.
-        Returns each call's logits."""
+        Returns each call's logits; `merged_calls` says how many model calls that took."""
+        self.merged_calls = 1
         if len(calls) == 1:
             return [self.forward(*calls[0])]
         inputs = [self._canonical(*call) for call in calls]
@@ -308,6 +312,7 @@ class ModelRunner:
             end = max(i.buffers.offset + i.ids.shape[0] for i in inputs)
             fillers = (batch_bucket(end) if self.pad_rows else end) - sum(i.ids.shape[0] for i in inputs)
         if len(shapes) > 1 or fillers * inputs[0].ids.shape[1] > (len(inputs) - 1) * _CALL_TOKENS:
+            self.merged_calls = len(inputs)
             return [self._run(i)[:n] for i, n in zip(inputs, rows)]
         if inputs[0].buffers is None:
             merged, starts = _merge_rows(inputs, rows, self.pad_rows)

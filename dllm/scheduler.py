@@ -195,11 +195,11 @@ class Scheduler:
                 key = None if cohort.alone else cohort.run.engine.runner.merge_key(call.ids, call.plan,
                                                                                   call.logits_index)
                 groups.setdefault(key if key is not None else id(cohort), []).append((cohort, call))
-            self.num_forwards += len(groups)
             for group in groups.values():                 # one model call per group, then each commits
-                runner = group[0][0].run.engine.runner
+                runner = group[0][0].run.engine.runner    # (the key names the runner)
                 try:
                     logits = runner.forward_merged([call.args for _, call in group])
+                    self.num_forwards += runner.merged_calls
                 except Exception as exc:
                     for cohort, _ in group:
                         self._failed(cohort, exc)

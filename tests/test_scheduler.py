@@ -325,3 +325,25 @@ def test_merged_forwards_over_the_pool_change_no_cohort_s_tokens(request, fixtur
     for rid, (prompt, params, output) in results.items():
         assert output.outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids, rid
     assert runner.taken == {}
+
+
+def test_forwards_of_engines_on_different_runners_are_never_merged(tiny_llada):
+    """Two engines over one model with runners of their own (an eager one and a graphed one share no pool):
+    their cohorts' forwards have equal shapes but must not run as one call on either runner."""
+    from dllm.engine import Engine
+
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=4,
+              enforce_eager=True)
+    other = Engine(llm.loaded, cache="dual", strategy="reference")
+    assert other.runner is not llm.engine.runner
+    for runner in (llm.engine.runner, other.runner):
+        runner.merge_in_pool = True
+    params = SamplingParams(**{**LONG, "max_tokens": 16}, steps=16)
+    first, second = llm._request([5, 6, 7, 8], params), llm._request([9, 10, 11, 12], params)
+    llm.scheduler.add(llm.engine, first)
+    llm.scheduler.add(other, second)
+    outputs = _drain(llm)
+    assert llm.scheduler.num_forwards == llm.scheduler.num_steps * 2     # one call per cohort, every step
+    for r in (first, second):
+        want = llm.generate([r.prompt_token_ids], params)[0].outputs[0].token_ids
+        assert outputs[r.request_id].outputs[0].token_ids == want

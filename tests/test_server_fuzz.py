@@ -371,6 +371,14 @@ def test_sigterm_past_the_shutdown_timeout_answers_503_and_ends_streams_then_exi
         srv.stop()
 
 
+def test_engines_for_other_caches_and_strategies_share_the_server_s_runner(llm):
+    # one K/V pool, one set of graphs and the server's --enforce-eager for every engine the server builds
+    from dllm.server.engine_client import EngineClient
+
+    client = EngineClient(llm)
+    assert client.engine("prefix", "threshold").runner is llm.engine.runner
+
+
 def test_an_abort_ends_a_reader_with_the_error_even_behind_an_event_it_has_not_read(llm):
     # a reader that lags behind its request's events must still get the 503 when the server aborts: abort_all
     # marks the request cancelled before it queues the error, and the earlier event must not end the loop quietly

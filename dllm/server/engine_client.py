@@ -191,7 +191,8 @@ class EngineClient:
             self._engines[key] = Engine(
                 self.llm.loaded, cache=key[0], strategy=key[1],
                 cache_options=default.cache_options if key[0] == default.cache_name else None,
-                strategy_options=default.strategy_options if key[1] == default.strategy_name else None)
+                strategy_options=default.strategy_options if key[1] == default.strategy_name else None,
+                runner=default.runner)   # its storage, graphs and --enforce-eager (or tensor-parallel group)
         return self._engines[key]
 
     async def start(self) -> None:
