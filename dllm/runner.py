@@ -39,6 +39,7 @@ so in bf16 a request's tokens may differ from decoding it alone (float32 tokens 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -307,17 +308,18 @@ class ModelRunner:
         saved (`_CALL_TOKENS`): then one call each."""
         rows = [call[0].shape[0] for call in calls]
         shapes = {(i.ids.shape[1], i.logits_index.shape[1], i.buffers is None) for i in inputs}
-        fillers = 0
-        if inputs[0].buffers is not None:
-            end = max(i.buffers.offset + i.ids.shape[0] for i in inputs)
-            fillers = (batch_bucket(end) if self.pad_rows else end) - sum(i.ids.shape[0] for i in inputs)
+        span = fillers = 0
+        if inputs[0].buffers is not None:   # pool rows [0, span): the bucket of the highest slot the runs hold
+            span = max(i.buffers.offset + i.ids.shape[0] for i in inputs)
+            span = batch_bucket(span) if self.pad_rows else span
+            fillers = span - sum(i.ids.shape[0] for i in inputs)
         if len(shapes) > 1 or fillers * inputs[0].ids.shape[1] > (len(inputs) - 1) * _CALL_TOKENS:
             self.merged_calls = len(inputs)
             return [self._run(i)[:n] for i, n in zip(inputs, rows)]
         if inputs[0].buffers is None:
             merged, starts = _merge_rows(inputs, rows, self.pad_rows)
         else:
-            merged, starts = _merge_pool(self.pool, inputs, self.pad_rows)
+            merged, starts = _merge_pool(self.pool, inputs, span)
         # (a key of its own: a strategy's forward between two runs' commits must not replay this graph's output)
         logits = self._run(merged, merged=True)
         return [logits[s:s + n] for s, n in zip(starts, rows)]
@@ -398,33 +400,24 @@ class ModelRunner:
         return _Inputs(ids, positions, logits_index, write, mask, buffers)
 
 
-def _merge_pool(pool: KVPool, parts: list[_Inputs], bucket: bool) -> tuple[_Inputs, list[int]]:
-    """Canonical forwards over views of `pool` (equal fed and logit widths) -> one over the pool's rows [0, S)
-    (S: the bucket of the highest slot they hold) and each part's first row. A part's rows sit at its own slots
-    with its keys padded to the pool's length (hidden); every other row is a filler whose fed slots write the
-    pool's last column, the only key it reads: no run's view holds that column."""
+def _merge_pool(pool: KVPool, parts: list[_Inputs], rows: int) -> tuple[_Inputs, list[int]]:
+    """Canonical forwards over views of `pool` (equal fed and logit widths) -> one over the pool's rows
+    [0, rows) and each part's first row. A part's rows sit at its own slots with its keys padded to the pool's
+    length (hidden); every other row is a filler whose fed slots write the pool's last column, the only key it
+    reads: no run's view holds that column."""
     first = parts[0]
-    end = max(p.buffers.offset + p.ids.shape[0] for p in parts)
-    rows = batch_bucket(end) if bucket else end
     width, lq, length, dev = first.ids.shape[1], first.logits_index.shape[1], pool.length, first.ids.device
     lm = 1 if all(p.mask is None or p.mask.shape[2] == 1 for p in parts) else width
-    at = torch.tensor([r for p in parts for r in range(p.buffers.offset, p.buffers.offset + p.ids.shape[0])],
-                      device=dev)
     ids, positions = first.ids.new_zeros(rows, width), first.positions.new_zeros(rows, width)
     index = first.logits_index.new_zeros(rows, lq)
     write = first.write.new_full((rows, width), length - 1)
     mask = torch.zeros(rows, 1, lm, length, dtype=torch.bool, device=dev)
     mask[..., length - 1] = True
-    part_masks = []
-    for p in parts:
-        n, cols = p.ids.shape[0], p.buffers.k[0].shape[2]
-        m = torch.zeros(n, 1, lm, length, dtype=torch.bool, device=dev)
-        m[..., :cols] = True if p.mask is None else p.mask
-        part_masks.append(m)
-    for full, part in ((ids, [p.ids for p in parts]), (positions, [p.positions for p in parts]),
-                       (index, [p.logits_index for p in parts]), (write, [p.write for p in parts]),
-                       (mask, part_masks)):
-        full[at] = torch.cat(part)
+    for p in parts:   # (slice copies on the device: no index tensor to send, no host sync)
+        at, cols = slice(p.buffers.offset, p.buffers.offset + p.ids.shape[0]), p.buffers.k[0].shape[2]
+        ids[at], positions[at], index[at], write[at] = p.ids, p.positions, p.logits_index, p.write
+        mask[at, :, :, :cols] = True if p.mask is None else p.mask
+        mask[at, :, :, length - 1] = False
     return _Inputs(ids, positions, index, write, mask, pool.view(rows, length, 0)), [p.buffers.offset for p in parts]
 
 
@@ -441,8 +434,7 @@ def _merge_rows(parts: list[_Inputs], rows: list[int], bucket: bool) -> tuple[_I
     stacked = [torch.cat([getattr(p, name)[:n] for p, n in zip(parts, rows)])
                for name in ("ids", "positions", "logits_index")]
     ids, positions, index, mask = (_pad_rows(t, padded) for t in (*stacked, mask))
-    starts = [sum(rows[:i]) for i in range(len(rows))]
-    return _Inputs(ids, positions, index, None, mask, None), starts
+    return _Inputs(ids, positions, index, None, mask, None), [0, *itertools.accumulate(rows[:-1])]
 
 
 def width_bucket(w: int) -> int:

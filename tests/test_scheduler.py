@@ -304,8 +304,8 @@ def test_merged_forwards_over_the_pool_change_no_cohort_s_tokens(request, fixtur
     merged_calls = []
     original_pool, original_rows = runner_module._merge_pool, runner_module._merge_rows
 
-    def recording(pool, parts, bucket):
-        out = original_pool(pool, parts, bucket)
+    def recording(pool, parts, rows):
+        out = original_pool(pool, parts, rows)
         merged_calls.append((out[0].ids.shape[0], sum(p.ids.shape[0] for p in parts)))
         assert all(p.buffers.k[0].shape[2] < pool.length for p in parts)
         return out
