@@ -163,10 +163,14 @@ def rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_preci
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         full_precision: bool) -> tuple[torch.Tensor, torch.Tensor]:
+         full_precision: bool, norms: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, L, H, D] and k [B, L, Hkv, D] by the table rows of `positions` [B, L]; contiguous outputs in
-    the same layout."""
-    if not use_triton(q, k):
+    the same layout. `norms` = (q weight, k weight, eps, weight_fp32): RMSNorm each head of q and k first (Qwen3's
+    and SDAR's q/k norms), in the same kernel, so strided q/k views are neither copied nor launched on twice."""
+    if not use_triton(q, k, *(norms[:2] if norms is not None else ())):
+        if norms is not None:
+            qw, kw, eps, weight_fp32 = norms
+            q, k = rms_norm_eager(q, qw, eps, weight_fp32), rms_norm_eager(k, kw, eps, weight_fp32)
         c, s = cos[positions][:, :, None], sin[positions][:, :, None]
         return rope_eager(q, c, s, full_precision), rope_eager(k, c, s, full_precision)
     b, n, h, d = q.shape
@@ -177,26 +181,31 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.T
         pos = positions.reshape(-1)
         if not pos.is_contiguous():
             pos = pos.contiguous()
-        _rope_kernel[(b * n, h + hkv)](q, k, q_out, k_out, pos, cos, sin, n, h, q.stride(0), q.stride(1),
-                                       q.stride(2), k.stride(0), k.stride(1), k.stride(2), HALF=d // 2,
-                                       FULL_PRECISION=full_precision, enable_fp_fusion=False)
+        qw, kw, eps, weight_fp32 = norms if norms is not None else (q, k, 0.0, False)
+        _rope_kernel[(b * n, h + hkv)](q, k, q_out, k_out, pos, cos, sin, qw, kw, eps, n, h, q.stride(0),
+                                       q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), HALF=d // 2,
+                                       FULL_PRECISION=full_precision, NORM=norms is not None,
+                                       WEIGHT_FP32=weight_fp32, enable_fp_fusion=False)
     return q_out, k_out
 
 
 if triton is not None:
     @triton.jit
-    def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, seq, n_heads,
-                     qs0, qs1, qs2, ks0, ks1, ks2, HALF: tl.constexpr, FULL_PRECISION: tl.constexpr):
+    def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps, seq, n_heads,
+                     qs0, qs1, qs2, ks0, ks1, ks2, HALF: tl.constexpr, FULL_PRECISION: tl.constexpr,
+                     NORM: tl.constexpr, WEIGHT_FP32: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         b, t = token // seq, token % seq
         if head < n_heads:
             src = q_ptr + b * qs0 + t * qs1 + head * qs2
             dst = qo_ptr + (token * n_heads + head) * 2 * HALF
+            w_ptr = qw_ptr
         else:
             n_kv = tl.num_programs(1) - n_heads
             src = k_ptr + b * ks0 + t * ks1 + (head - n_heads) * ks2
             dst = ko_ptr + (token * n_kv + head - n_heads) * 2 * HALF
+            w_ptr = kw_ptr
         dtype = qo_ptr.dtype.element_ty
         i = tl.arange(0, HALF)
         p = tl.load(pos_ptr + token).to(tl.int64)
@@ -206,6 +215,17 @@ if triton is not None:
         s2 = tl.load(sin_ptr + p * 2 * HALF + HALF + i)
         x1 = tl.load(src + i).to(tl.float32)
         x2 = tl.load(src + HALF + i).to(tl.float32)
+        if NORM:            # the head's RMSNorm first, rounded as `_rms_norm_kernel` rounds it
+            mean = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF)
+            r = 1.0 / tl.sqrt(mean + eps)
+            w1 = tl.load(w_ptr + i).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + i).to(tl.float32)
+            if WEIGHT_FP32:
+                x1 = (w1 * (x1 * r)).to(dtype).to(tl.float32)
+                x2 = (w2 * (x2 * r)).to(dtype).to(tl.float32)
+            else:
+                x1 = (w1 * (x1 * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+                x2 = (w2 * (x2 * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         if FULL_PRECISION:  # float32 throughout, one cast at the end
             y1 = x1 * c1 + (-x2) * s1
             y2 = x2 * c2 + x1 * s2

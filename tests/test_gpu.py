@@ -132,6 +132,15 @@ def test_kernels_match_eager_definitions_on_the_device(dtype):
         qr, kr = ops.rope(q, k, pos, cos, sin, full)
         c, s = cos[pos][:, :, None], sin[pos][:, :, None]
         assert torch.equal(qr, ops.rope_eager(q, c, s, full)) and torch.equal(kr, ops.rope_eager(k, c, s, full))
+        for weight_fp32 in (False, True):   # q/k norms fused into the rotary kernel vs the two kernels apart
+            qw = torch.randn(128, device="cuda", generator=g).to(dtype)
+            kw = torch.randn(128, device="cuda", generator=g).to(dtype)
+            qr, kr = ops.rope(q, k, pos, cos, sin, full, (qw, kw, 1e-6, weight_fp32))
+            wq, wk = ops.rope(ops.rms_norm(q, qw, 1e-6, weight_fp32), ops.rms_norm(k, kw, 1e-6, weight_fp32),
+                              pos, cos, sin, full)
+            for got, want in ((qr, wq), (kr, wk)):   # equal but for the order of a float32 sum of squares
+                assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-3
+                assert (got == want).float().mean().item() > 0.98
 
 
 @pytest.mark.parametrize("family", ["ar", "tidar"])  # deterministic objectives (no noise draws)

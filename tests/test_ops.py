@@ -61,15 +61,29 @@ SCRIPT = textwrap.dedent('''
             assert qr.is_contiguous() and kr.is_contiguous()
             same(qr, want_q, dtype)
             same(kr, want_k, dtype)
+            for weight_fp32 in (False, True):                          # q/k norms (Qwen3, SDAR) in the same kernel
+                qw, kw = rand(16, dtype=dtype), rand(16, dtype=dtype)
+                qr, kr = ops.rope(q, k, pos, cos, sin, full, (qw, kw, 1e-6, weight_fp32))
+                # against the two kernels it replaces (the interpreter's truncating bf16 compounds over the
+                # norm's and the rotation's roundings, so bf16 is compared kernel to kernel), and the eager ops
+                want_q, want_k = ops.rope(ops.rms_norm(q, qw, 1e-6, weight_fp32),
+                                          ops.rms_norm(k, kw, 1e-6, weight_fp32), pos, cos, sin, full)
+                close(qr, want_q, dtype)
+                close(kr, want_k, dtype)
+                if dtype == torch.float32:
+                    close(qr, ops.rope_eager(ops.rms_norm_eager(q, qw, 1e-6, weight_fp32), c, s, full), dtype)
+                    close(kr, ops.rope_eager(ops.rms_norm_eager(k, kw, 1e-6, weight_fp32), c, s, full), dtype)
 
     # The kernels have no backward: a forward that trains takes the eager ops, so gradients reach every operand.
     x, w = torch.randn(3, 48, requires_grad=True), torch.randn(48, requires_grad=True)
     gu = torch.randn(3, 80, requires_grad=True)
     q, k = torch.randn(1, 3, 2, 16, requires_grad=True), torch.randn(1, 3, 1, 16, requires_grad=True)
     qr, kr = ops.rope(q, k, torch.arange(3)[None], cos, sin, True)
+    qw = torch.randn(16, requires_grad=True)
+    qn, _ = ops.rope(q.detach(), k.detach(), torch.arange(3)[None], cos, sin, True, (qw, qw, 1e-6, False))
     loss = ops.rms_norm(x, w, 1e-6).sum() + ops.add_rms_norm(x, x * 2, w, 1e-6)[1].sum() + ops.silu_mul(gu).sum()
-    (loss + qr.sum() + kr.sum()).backward()
-    assert all(t.grad is not None for t in (x, w, gu, q, k))
+    (loss + qr.sum() + kr.sum() + qn.sum()).backward()
+    assert all(t.grad is not None for t in (x, w, gu, q, k, qw))
     with torch.no_grad():
         assert ops.use_triton(x)                      # inference still takes the kernels
     print("ok")

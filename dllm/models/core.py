@@ -98,9 +98,10 @@ class Attention(nn.Module):
     def forward(self, x, rotary: Rotary, rope: tuple, plan: AttentionPlan | None, layer: int) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.project(x)                                  # [B, L, H|Hkv, D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.rope(q, k, *rope, rotary.full_precision)
+        norms = None
+        if self.q_norm is not None:   # normed inside the rotary kernel
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_fp32)
+        q, k = ops.rope(q, k, *rope, rotary.full_precision, norms)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H|Hkv, L, D] views
         if plan is None:
             out = attend(q, k, v, None)
