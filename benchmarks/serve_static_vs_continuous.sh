@@ -5,6 +5,7 @@
 # to $OUT/{static,continuous}/serve_load.json when OUT is set).
 #
 #   OUT=/tmp/out bash benchmarks/serve_static_vs_continuous.sh          # on a GPU; RATES, REQUESTS to change the load
+#   MODES=continuous OUT=/tmp/out bash benchmarks/serve_static_vs_continuous.sh   # one half only
 #   CONFIG=<dir with a smaller LLaDA config.json> DEVICE=cpu REQUESTS=4 bash benchmarks/serve_static_vs_continuous.sh
 #
 # Set-up it does: (1) a LLaDA-8B-shaped directory (the real config from tests/data/checkpoints) with a word-level
@@ -21,6 +22,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-}
 CONFIG=${CONFIG:-tests/data/checkpoints/LLaDA-8B-Instruct}
 DEVICE=${DEVICE:-cuda}
+MODES=${MODES:-continuous static}
 
 MODEL="$WORK/llada8b"
 mkdir -p "$MODEL"
@@ -39,6 +41,7 @@ PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_t
                         mask_token="<|mdm_mask|>", pad_token="<|endoftext|>").save_pretrained(str(out))
 PY
 
+if [[ " $MODES " == *" static "* ]]; then
 if [ -z "${STATIC_SRC:-}" ]; then
     STATIC_SRC="$WORK/static_src"
     mkdir -p "$STATIC_SRC"
@@ -63,12 +66,13 @@ cat > "$WORK/static_python" <<SH
 PYTHONPATH="$WORK/staticlib:$WORK/patch" exec "$(command -v "$PY")" "\$@"
 SH
 chmod +x "$WORK/static_python"
+fi
 
 common=(--serve "$MODEL" --token-prompts 64 --serve-arg=--dtype --serve-arg=bfloat16 --serve-arg=--device
         --serve-arg="$DEVICE" --serve-arg=--cache --serve-arg=dual --serve-arg=--strategy --serve-arg=reference
         --rates "$RATES" --requests "$REQUESTS" --max-concurrency 32 --max-tokens 256 --block-length 32
         --ignore-eos --no-mixed)
-for mode in continuous static; do
+for mode in $MODES; do
     extra=(--serve-arg=--load-format --serve-arg=dummy)
     [ "$mode" = static ] && extra=(--python "$WORK/static_python")
     [ -n "$OUT" ] && mkdir -p "$OUT/$mode"
