@@ -82,6 +82,11 @@ class Canvas:
     def status(self, stop_ids: torch.Tensor) -> tuple[list[int], list[int]]:
         """Per row, offsets from its generation start of the first MASK and of the first committed stop token
         (max_tokens when there is none). One device-to-host transfer."""
+        first_mask, first_stop = self.status_tensor(stop_ids).tolist()
+        return first_mask, first_stop
+
+    def status_tensor(self, stop_ids: torch.Tensor) -> torch.Tensor:
+        """`status` on the device: [2, B] (first MASK, first stop), nothing transferred."""
         offset = self._cols[None, :] - self.gen_starts[:, None]                  # [B, T]
         in_gen = (offset >= 0) & (offset < self.max_tokens)
         if self._ends is not None:
@@ -91,17 +96,25 @@ class Canvas:
         size = torch.full_like(self.gen_starts, self.max_tokens)
         first_mask = torch.where(is_mask.any(1), (offset.masked_fill(~is_mask, self.length)).min(1).values, size)
         first_stop = torch.where(is_stop.any(1), (offset.masked_fill(~is_stop, self.length)).min(1).values, size)
-        first_mask, first_stop = torch.stack([first_mask, first_stop]).tolist()
-        return first_mask, first_stop
+        return torch.stack([first_mask, first_stop])
 
-    def generated(self, rows: list[int] | None = None) -> list[list[int]]:
+    def generated(self, rows: list[int] | None = None, region: list[list[int]] | None = None) -> list[list[int]]:
         """The generation regions (max_tokens columns from each row's start) of `rows` (default all), as lists;
-        one transfer of just those rows and columns."""
+        one transfer of just those rows and columns, or none when `region` (`region()` of every row, already on
+        the host) is given."""
         rows = list(range(self.batch_size)) if rows is None else rows
+        if region is not None:
+            lo = min(self.gen_start_cols)
+            return [region[r][self.gen_start_cols[r] - lo:self.gen_start_cols[r] - lo + self.max_tokens] for r in rows]
         starts = [self.gen_start_cols[r] for r in rows]
         lo, hi = min(starts), max(starts) + self.max_tokens
         block = self.tokens[rows, lo:hi].tolist()
         return [r[s - lo:s - lo + self.max_tokens] for r, s in zip(block, starts)]
+
+    def region(self) -> torch.Tensor:
+        """Every row's tokens over the columns that hold some row's generation region, on the device."""
+        lo = min(self.gen_start_cols)
+        return self.tokens[:, lo:max(self.gen_start_cols) + self.max_tokens]
 
     def sizes(self) -> list[int]:
         """Per row, how many generated positions it can still hold (max_tokens, fewer once truncated)."""

@@ -10,7 +10,8 @@ output is final (every later position could only follow the stop token). Text be
 and each step yields the newly final text of every row as `StreamEvent`s.
 
 The engine knows no model family, strategy or cache by name: it drives the three interfaces. Per step it makes
-one device-to-host transfer (row status), which the block-completion test needs anyway.
+one device-to-host transfer (row status, with the generation regions when streaming), which the
+block-completion test needs anyway; the step scheduler makes one such transfer for all its cohorts.
 """
 from __future__ import annotations
 
@@ -162,8 +163,9 @@ class _Run:
         """The run's StreamEvents, step by step; with `marks`, a None after every step (the step scheduler runs
         one step of each cohort at a time); with `forwards`, each step's model forward is handed out as a
         `ForwardCall` whose logits the caller sends back (`generator.send(logits)`), so that the step scheduler
-        can run the forwards of several runs as one. The run's K/V slots are given back when it ends or is
-        closed."""
+        can run the forwards of several runs as one, and each step's row status as a `StatusRead` whose host
+        values the caller sends back (`StatusRead.fetch_all`), so that it can bring several runs' to the host
+        in one transfer. The run's K/V slots are given back when it ends or is closed."""
         try:
             if forwards:
                 yield from self._events(marks)
@@ -173,6 +175,8 @@ class _Run:
             while item is not _END:
                 if isinstance(item, ForwardCall):
                     item = _send(gen, self.engine.runner.forward(*item.args))
+                elif isinstance(item, StatusRead):
+                    item = _send(gen, StatusRead.fetch_all([item])[0])
                 else:
                     yield item
                     item = next(gen, _END)
@@ -202,16 +206,21 @@ class _Run:
                 if step == limit:
                     raise RuntimeError(f"strategy {self.strategy.name!r} made no progress in block {b}")
                 yield from self._step(start, end, step)
-                first_mask, first_stop = canvas.status(self.stop_ids)
+                first_mask, first_stop, region = yield self._status_read()
                 block_done = canvas.block_done(first_mask, end)
-                yield from self._emit(b, first_mask, first_stop)
+                yield from self._emit(b, first_mask, first_stop, region)
                 if not self.rows:
                     return
                 if marks:
                     yield None
                 if block_done:
                     break
-        yield from self._emit(canvas.num_blocks - 1, *canvas.status(self.stop_ids), final=True)
+        yield from self._emit(canvas.num_blocks - 1, *(yield self._status_read()), final=True)
+
+    def _status_read(self) -> "StatusRead":
+        """This step's row status for the host, with every row's generation region when streaming (the rows
+        whose final text grew are known only from the status)."""
+        return StatusRead(self.canvas.status_tensor(self.stop_ids), self.canvas.region() if self.stream else None)
 
     def _step(self, start: int, end: int, step: int) -> None:
         c = self.canvas
@@ -286,9 +295,11 @@ class _Run:
             self._logit_slots[key] = (cols - fed_start).expand(rows, -1)
         return self._logit_slots[key]
 
-    def _emit(self, block: int, first_mask: list[int], first_stop: list[int], final: bool = False):
+    def _emit(self, block: int, first_mask: list[int], first_stop: list[int], region: list[list[int]] | None,
+              final: bool = False):
         """Yield newly final text per row (every row with new final tokens when streaming, else only finished
-        rows); finish rows whose stop token is final or whose region is full."""
+        rows); finish rows whose stop token is final or whose region is full. `region`: the canvas's `region()`
+        on the host, if the status read brought it."""
         done, updates = [], []
         sizes = self.canvas.sizes()
         limits = self.strategy.final_limit()
@@ -305,7 +316,7 @@ class _Run:
             if finished:
                 done.append(i)
         if updates:
-            generated = self.canvas.generated([i for i, *_ in updates])
+            generated = self.canvas.generated([i for i, *_ in updates], region)
             for (i, final_len, stopped, finished), ids in zip(updates, generated):
                 row = self.rows[i]
                 row.token_ids = ids[:final_len]
@@ -364,6 +375,34 @@ class ForwardCall:
     @property
     def args(self) -> tuple:
         return self.ids, self.positions, self.plan, self.logits_index
+
+
+@dataclass
+class StatusRead:
+    """One step's row status of a run, on the device: `status` [2, B] (`Canvas.status_tensor`) and, when
+    streaming, `region` [B, W] (`Canvas.region`). The run is sent back (first_mask, first_stop, region rows or
+    None) as host lists."""
+
+    status: torch.Tensor
+    region: torch.Tensor | None
+
+    @staticmethod
+    def fetch_all(reads: list["StatusRead"]) -> list[tuple[list[int], list[int], list[list[int]] | None]]:
+        """The host values of several runs' reads, in one device-to-host transfer."""
+        parts = [t for r in reads for t in (r.status, r.region) if t is not None]
+        flat = torch.cat([t.reshape(-1).long() for t in parts]).tolist()
+        out, at = [], 0
+        for r in reads:
+            rows = r.status.shape[1]
+            first_mask, first_stop = flat[at:at + rows], flat[at + rows:at + 2 * rows]
+            at += 2 * rows
+            region = None
+            if r.region is not None:
+                width = r.region.shape[1]
+                region = [flat[at + i * width:at + (i + 1) * width] for i in range(rows)]
+                at += rows * width
+            out.append((first_mask, first_stop, region))
+        return out
 
 
 _END = object()

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dllm.engine import _END, Engine, ForwardCall, Request, _Run, _send
+from dllm.engine import _END, Engine, ForwardCall, Request, StatusRead, _Run, _send
 from dllm.errors import InvalidParameterError
 from dllm.outputs import StreamEvent
 
@@ -186,6 +186,7 @@ class Scheduler:
         events: list[StreamEvent] = []
         with torch.no_grad():
             calls: list[tuple[_Cohort, ForwardCall]] = []
+            reads: list[tuple[_Cohort, StatusRead]] = []
             for cohort in list(self.cohorts):             # each cohort up to its forward
                 call = self._guard(cohort, lambda c=cohort: self._until_forward(c, events))
                 if call is not None and call is not _OWN_STEP:
@@ -209,9 +210,27 @@ class Scheduler:
                         self._close(cohort)
                     raise
                 for (cohort, _), out in zip(group, logits):
-                    self._guard(cohort, lambda c=cohort, o=out: self._after_forward(c, o, events))
+                    read = self._guard(cohort, lambda c=cohort, o=out: self._after_forward(c, o, events))
+                    if read is not None:
+                        reads.append((cohort, read))
+            # every cohort's commit is queued on the device: one transfer brings all their row status to the host
+            values = self._guard_all([c for c, _ in reads], lambda: StatusRead.fetch_all([r for _, r in reads]))
+            for (cohort, _), value in zip(reads, values or ()):
+                self._guard(cohort, lambda c=cohort, v=value: self._finish_step(c, v, events))
         self.num_steps += 1
         return events
+
+    def _guard_all(self, cohorts: list[_Cohort], work):
+        """`_guard` for work that several cohorts share: it failing fails each of them."""
+        try:
+            return work()
+        except Exception as exc:
+            for cohort in cohorts:
+                self._failed(cohort, exc)
+        except BaseException:
+            for cohort in cohorts:
+                self._close(cohort)
+            raise
 
     def _guard(self, cohort: _Cohort, work):
         try:
@@ -237,19 +256,33 @@ class Scheduler:
             if item is _END:
                 self._close(cohort)
                 return None
+            if isinstance(item, StatusRead):  # the run's last status (after its last block), read by itself
+                item = _send(cohort.events, StatusRead.fetch_all([item])[0])
+                continue
             self._keep(cohort, item, out)
             item = next(cohort.events, _END)
         return item
 
-    def _after_forward(self, cohort: _Cohort, logits: torch.Tensor, out: list[StreamEvent]) -> None:
-        """Hand `cohort` its forward's logits and run it to the end of its step."""
-        item = _send(cohort.events, logits)
+    def _after_forward(self, cohort: _Cohort, logits: torch.Tensor, out: list[StreamEvent]) -> StatusRead | None:
+        """Hand `cohort` its forward's logits and run it up to its step's status read (returned; None: the step
+        ended without one)."""
+        return self._run_step(cohort, _send(cohort.events, logits), out)
+
+    def _finish_step(self, cohort: _Cohort, value: tuple, out: list[StreamEvent]) -> None:
+        """Hand `cohort` its status read's host values and run it to the end of its step."""
+        if self._run_step(cohort, _send(cohort.events, value), out) is not None:
+            raise RuntimeError("a run read its status twice in one step")
+
+    def _run_step(self, cohort: _Cohort, item, out: list[StreamEvent]) -> StatusRead | None:
         while item is not None:                # the end of this cohort's step
             if item is _END:
                 self._close(cohort)
-                return
+                return None
+            if isinstance(item, StatusRead):
+                return item
             self._keep(cohort, item, out)
             item = next(cohort.events, _END)
+        return None
 
     @staticmethod
     def _keep(cohort: _Cohort, event: StreamEvent, out: list[StreamEvent]) -> None:

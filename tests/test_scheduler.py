@@ -347,3 +347,47 @@ def test_forwards_of_engines_on_different_runners_are_never_merged(tiny_llada):
     for r in (first, second):
         want = llm.generate([r.prompt_token_ids], params)[0].outputs[0].token_ids
         assert outputs[r.request_id].outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_one_status_transfer_a_step_brings_every_cohort_s_rows(tiny_llada, monkeypatch, stream):
+    """Every cohort commits before any row status is read, and one transfer (`StatusRead.fetch_all`) brings all
+    the cohorts' status (and, streaming, their generation regions) to the host: no cohort waits for the device
+    between another's commit and its own. Streamed deltas still add up to each output, whose tokens are those
+    of decoding alone."""
+    from dllm.engine import StatusRead
+    from dllm.scheduler import Scheduler
+
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=6)
+    llm.scheduler = Scheduler(max_num_seqs=6, stream=stream)
+    fetches = []
+    original = StatusRead.fetch_all
+
+    def recording(reads):
+        fetches.append((llm.scheduler.num_steps, len(reads), [r.region is not None for r in reads]))
+        return original(reads)
+
+    deltas: dict[str, list[int]] = {}
+    original_step = llm.step
+
+    def step():
+        events = original_step()
+        for e in events:
+            deltas.setdefault(e.request_id, []).extend(e.delta_token_ids)
+        return events
+
+    monkeypatch.setattr(StatusRead, "fetch_all", staticmethod(recording))
+    monkeypatch.setattr(llm, "step", step)
+    results = staggered_arrivals(llm, sdar=False)
+    monkeypatch.undo()
+    assert max(n for _, n, _ in fetches) >= 3, fetches          # several cohorts' status in one transfer
+    per_step: dict[int, int] = {}
+    for step_no, n, regions in fetches:
+        per_step[step_no] = per_step.get(step_no, 0) + 1
+        assert all(r == stream for r in regions)
+    # a step makes one transfer, and a second only for a run's very last read (after its last block)
+    assert all(count <= 1 + len(results) for count in per_step.values())
+    assert sum(per_step.values()) <= len(per_step) + len(results)
+    for rid, (prompt, params, output) in results.items():
+        assert deltas[rid] == output.outputs[0].token_ids, rid
+        assert output.outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids, rid
