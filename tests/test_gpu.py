@@ -139,8 +139,11 @@ def test_kernels_match_eager_definitions_on_the_device(dtype):
             wq, wk = ops.rope(ops.rms_norm(q, qw, 1e-6, weight_fp32), ops.rms_norm(k, kw, 1e-6, weight_fp32),
                               pos, cos, sin, full)
             for got, want in ((qr, wq), (kr, wk)):   # equal but for the order of a float32 sum of squares
-                assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-3
-                assert (got == want).float().mean().item() > 0.98
+                err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                if dtype == torch.float32:            # (which moves most float32 results by an ulp or so)
+                    assert err < 1e-6, err
+                else:                                 # (which a bf16 rounding hides almost always)
+                    assert err < 1e-3 and (got == want).float().mean().item() > 0.98
 
 
 @pytest.mark.parametrize("family", ["ar", "tidar"])  # deterministic objectives (no noise draws)

@@ -42,3 +42,11 @@ def test_padded_widths_change_no_token(model, cache, block, monkeypatch):
         llm.engine.runner.pad_widths = False
     assert any(padded_calls), "no forward was padded: the test checks nothing"
     assert padded == plain
+
+
+def test_span_buckets_are_between_the_rows_and_their_power_of_two():
+    from dllm.runner import batch_bucket, span_bucket
+
+    sizes = [span_bucket(n) for n in range(1, 129)]
+    assert sorted(set(sizes)) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+    assert all(n <= span_bucket(n) <= batch_bucket(n) for n in range(1, 129))
