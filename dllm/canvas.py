@@ -79,14 +79,9 @@ class Canvas:
             return None
         return self.key_valid[:, None, None, k_start:k_end]
 
-    def status(self, stop_ids: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Per row, offsets from its generation start of the first MASK and of the first committed stop token
-        (max_tokens when there is none). One device-to-host transfer."""
-        first_mask, first_stop = self.status_tensor(stop_ids).tolist()
-        return first_mask, first_stop
-
     def status_tensor(self, stop_ids: torch.Tensor) -> torch.Tensor:
-        """`status` on the device: [2, B] (first MASK, first stop), nothing transferred."""
+        """Per row, offsets from its generation start of the first MASK and of the first committed stop token
+        (max_tokens when there is none): [2, B] on the device (the engine's `StatusRead` brings it over)."""
         offset = self._cols[None, :] - self.gen_starts[:, None]                  # [B, T]
         in_gen = (offset >= 0) & (offset < self.max_tokens)
         if self._ends is not None:

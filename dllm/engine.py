@@ -176,7 +176,7 @@ class _Run:
                 if isinstance(item, ForwardCall):
                     item = _send(gen, self.engine.runner.forward(*item.args))
                 elif isinstance(item, StatusRead):
-                    item = _send(gen, StatusRead.fetch_all([item])[0])
+                    item = _send(gen, item.fetch())
                 else:
                     yield item
                     item = next(gen, _END)
@@ -385,6 +385,9 @@ class StatusRead:
 
     status: torch.Tensor
     region: torch.Tensor | None
+
+    def fetch(self) -> tuple[list[int], list[int], list[list[int]] | None]:
+        return StatusRead.fetch_all([self])[0]
 
     @staticmethod
     def fetch_all(reads: list["StatusRead"]) -> list[tuple[list[int], list[int], list[list[int]] | None]]:

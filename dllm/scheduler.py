@@ -48,7 +48,7 @@ a cohort that finds no free range big enough gets K/V storage of its own (on CUD
 Under tensor parallelism one cohort decodes at a time.
 
 Failures: by default an exception in a cohort (its start or a step) closes that cohort and propagates
-(`LLM.step`). With `isolate=True` (the server) it does not: the cohort's unfinished requests are queued again at
+(`LLM.step`; from a step, once every other cohort has finished that step, so they decode on at the next). With `isolate=True` (the server) it does not: the cohort's unfinished requests are queued again at
 the head of the queue, each to decode alone (`Failure(..., retried=True)`: its events start over from the first
 step, the same ones again under the same seed), and a request that fails alone is given up (`retried=False`);
 `take_failures()` hands them over after each step. The other cohorts decode on.
@@ -113,6 +113,7 @@ class Scheduler:
         self.slot_steps = 0                       # slots in use summed over steps: utilisation = / (steps x slots)
         self.admitted: list[list[Request]] = []   # the cohorts the latest step admitted
         self.failures: list[Failure] = []
+        self._error: Exception | None = None     # a cohort's error, raised at the end of the step (not isolated)
 
     # ------------------------------------------------------------------ queue
 
@@ -214,10 +215,14 @@ class Scheduler:
                     if read is not None:
                         reads.append((cohort, read))
             # every cohort's commit is queued on the device: one transfer brings all their row status to the host
-            values = self._guard_all([c for c, _ in reads], lambda: StatusRead.fetch_all([r for _, r in reads]))
+            values = self._guard_all([c for c, _ in reads], lambda: StatusRead.fetch_all([r for _, r in reads])) \
+                if reads else ()
             for (cohort, _), value in zip(reads, values or ()):
                 self._guard(cohort, lambda c=cohort, v=value: self._finish_step(c, v, events))
         self.num_steps += 1
+        if self._error is not None:   # (not isolated) every other cohort has finished its step first
+            error, self._error = self._error, None
+            raise error
         return events
 
     def _guard_all(self, cohorts: list[_Cohort], work):
@@ -242,9 +247,12 @@ class Scheduler:
             raise
 
     def _failed(self, cohort: _Cohort, exc: Exception) -> None:
+        """Close a cohort that raised. Not isolated, the step raises its (first) error once the other cohorts
+        have finished theirs: raising at once would leave them halfway through a step."""
         self._close(cohort)
         if not self.isolate:
-            raise exc
+            self._error = self._error or exc
+            return
         self._fail(list(cohort.open.values()), exc, cohort.alone)
 
     def _until_forward(self, cohort: _Cohort, out: list[StreamEvent]) -> ForwardCall | None:
@@ -257,7 +265,7 @@ class Scheduler:
                 self._close(cohort)
                 return None
             if isinstance(item, StatusRead):  # the run's last status (after its last block), read by itself
-                item = _send(cohort.events, StatusRead.fetch_all([item])[0])
+                item = _send(cohort.events, item.fetch())
                 continue
             self._keep(cohort, item, out)
             item = next(cohort.events, _END)

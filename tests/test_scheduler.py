@@ -185,6 +185,42 @@ def test_max_num_cohorts_and_batched_tokens_bound_what_runs_at_once(tiny_llada):
         Scheduler(max_num_cohorts=0)
 
 
+@pytest.mark.parametrize("poisoned_first", [True, False])
+def test_a_failing_cohort_raises_from_step_after_the_others_finished_theirs(tiny_llada, monkeypatch, poisoned_first):
+    """Not isolated (`LLM.step`), a cohort that raises is closed and its error propagates, but only once every
+    other cohort has finished its step: they decode on at the next step to their own tokens, whether they
+    stepped before or after the failing one."""
+    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=4)
+    params = SamplingParams(**LONG, steps=32)
+    real_open = llm.engine.open_run
+
+    def open_run(batch, *args, **kwargs):
+        run = real_open(batch, *args, **kwargs)
+        if any(r.prompt_token_ids[0] == 66 for r in batch):
+            break_after(run, 1)                   # the run breaks at its second step
+        return run
+
+    monkeypatch.setattr(llm.engine, "open_run", open_run)
+    first, second = ([66, 6, 7], [5, 6, 7]) if poisoned_first else ([5, 6, 7], [66, 6, 7])
+    ids = [llm.add_request(first, params)]
+    llm.step()
+    ids.append(llm.add_request(second, params))   # a cohort of its own, one step behind
+    good = ids[1] if poisoned_first else ids[0]
+    outputs, errors = {}, []
+    while llm.has_unfinished_requests():
+        try:
+            for event in llm.step():
+                if event.output is not None:
+                    outputs[event.request_id] = event.output
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    monkeypatch.undo()
+    assert errors == ["poisoned"] and list(outputs) == [good]
+    want = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+    assert outputs[good].outputs[0].token_ids == want
+    assert llm.engine.runner.taken == {}
+
+
 def test_isolate_retries_a_failed_cohort_one_request_at_a_time(tiny_llada, monkeypatch):
     """With isolate=True a cohort that raises is closed, its requests queued again alone (their events start
     over), a request that fails alone is given up, and the rest decode to their own tokens."""
@@ -349,8 +385,9 @@ def test_forwards_of_engines_on_different_runners_are_never_merged(tiny_llada):
         assert outputs[r.request_id].outputs[0].token_ids == want
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llada", "tiny_sdar"])
 @pytest.mark.parametrize("stream", [True, False])
-def test_one_status_transfer_a_step_brings_every_cohort_s_rows(tiny_llada, monkeypatch, stream):
+def test_one_status_transfer_a_step_brings_every_cohort_s_rows(request, fixture, monkeypatch, stream):
     """Every cohort commits before any row status is read, and one transfer (`StatusRead.fetch_all`) brings all
     the cohorts' status (and, streaming, their generation regions) to the host: no cohort waits for the device
     between another's commit and its own. Streamed deltas still add up to each output, whose tokens are those
@@ -358,8 +395,10 @@ def test_one_status_transfer_a_step_brings_every_cohort_s_rows(tiny_llada, monke
     from dllm.engine import StatusRead
     from dllm.scheduler import Scheduler
 
-    llm = LLM(str(tiny_llada), cache="dual", strategy="reference", device="cpu", dtype="float32", max_batch_size=6)
-    llm.scheduler = Scheduler(max_num_seqs=6, stream=stream)
+    sdar = fixture == "tiny_sdar"
+    llm = LLM(str(request.getfixturevalue(fixture)), cache="block" if sdar else "dual", strategy="reference",
+              device="cpu", dtype="float32", max_batch_size=8)
+    llm.scheduler = Scheduler(max_num_seqs=8, stream=stream)
     fetches = []
     original = StatusRead.fetch_all
 
@@ -378,16 +417,25 @@ def test_one_status_transfer_a_step_brings_every_cohort_s_rows(tiny_llada, monke
 
     monkeypatch.setattr(StatusRead, "fetch_all", staticmethod(recording))
     monkeypatch.setattr(llm, "step", step)
-    results = staggered_arrivals(llm, sdar=False)
+    # a cohort whose rows start generating at different columns (SDAR does not left-pad), then the staggered ones
+    params = SamplingParams(max_tokens=16, block_length=4, ignore_eos=True, seed=5,
+                            **(dict(steps=4, remasking="low_confidence_static") if sdar else {"steps": 16}))
+    uneven = [([30, 31, 32, 40, 41], params), ([33, 34, 35, 36, 37, 38, 39], params)]
+    uneven_ids = [llm.add_request(p, sp) for p, sp in uneven]
+    results = staggered_arrivals(llm, sdar)
+    while llm.has_unfinished_requests():
+        llm.step()
     monkeypatch.undo()
     assert max(n for _, n, _ in fetches) >= 3, fetches          # several cohorts' status in one transfer
-    per_step: dict[int, int] = {}
+    per_step: dict[int, list[int]] = {}
     for step_no, n, regions in fetches:
-        per_step[step_no] = per_step.get(step_no, 0) + 1
+        per_step.setdefault(step_no, []).append(n)
         assert all(r == stream for r in regions)
-    # a step makes one transfer, and a second only for a run's very last read (after its last block)
-    assert all(count <= 1 + len(results) for count in per_step.values())
-    assert sum(per_step.values()) <= len(per_step) + len(results)
+    # a step makes one transfer for every cohort that stepped; a run's very last read (after its last block,
+    # at the next step) goes alone
+    assert all(sum(1 for n in counts if n > 1) <= 1 for counts in per_step.values()), per_step
+    for rid, (prompt, sp) in zip(uneven_ids, uneven):
+        assert llm.generate([prompt], sp)[0].outputs[0].token_ids == deltas[rid], rid
     for rid, (prompt, params, output) in results.items():
         assert deltas[rid] == output.outputs[0].token_ids, rid
         assert output.outputs[0].token_ids == llm.generate([prompt], params)[0].outputs[0].token_ids, rid
