@@ -29,7 +29,9 @@ hands it out as a `ForwardCall`), the forwards whose shapes match (`ModelRunner.
 logit count; so per-row settings that leave the shape alone, such as temperature, top_p/top_k, seed, threshold,
 factor, steps, max_tokens, stop ids or remasking, do not split a step) run as one model call, projections, MLPs
 and logits batched over all their rows and attention per cohort over its own K/V storage, and then every cohort
-commits from its rows' logits. Forwards of other shapes (a block start beside in-block steps, another block
+commits from its rows' logits, after which one transfer brings every cohort's row status (and, streaming, its
+generated tokens) to the host (`StatusRead`): the host launches all the commits behind the forward instead of
+waiting for the device between cohorts. Forwards of other shapes (a block start beside in-block steps, another block
 length, the no-cache canvas of another length, guidance's doubled rows) run in the same step as separate calls:
 the rule is "same step, one call per shape". On CUDA a merged call is one canonical forward over the K/V pool's
 rows, cohorts' rows at their own slots and filler rows between them, graphed like any other (its key is the
@@ -48,8 +50,9 @@ a cohort that finds no free range big enough gets K/V storage of its own (on CUD
 Under tensor parallelism one cohort decodes at a time.
 
 Failures: by default an exception in a cohort (its start or a step) closes that cohort and propagates
-(`LLM.step`; from a step, once every other cohort has finished that step, so they decode on at the next). With `isolate=True` (the server) it does not: the cohort's unfinished requests are queued again at
-the head of the queue, each to decode alone (`Failure(..., retried=True)`: its events start over from the first
+(`LLM.step`; from a step, once every other cohort has finished that step, so that they decode on at the next).
+With `isolate=True` (the server) it does not: the cohort's unfinished requests are queued again at the head of
+the queue, each to decode alone (`Failure(..., retried=True)`: its events start over from the first
 step, the same ones again under the same seed), and a request that fails alone is given up (`retried=False`);
 `take_failures()` hands them over after each step. The other cohorts decode on.
 """
