@@ -202,17 +202,11 @@ class Scheduler:
                 groups.setdefault(key if key is not None else id(cohort), []).append((cohort, call))
             for group in groups.values():                 # one model call per group, then each commits
                 runner = group[0][0].run.engine.runner    # (the key names the runner)
-                try:
-                    logits = runner.forward_merged([call.args for _, call in group])
-                    self.num_forwards += runner.merged_calls
-                except Exception as exc:
-                    for cohort, _ in group:
-                        self._failed(cohort, exc)
+                logits = self._guard_all([c for c, _ in group],
+                                         lambda g=group: runner.forward_merged([call.args for _, call in g]))
+                if logits is None:                        # the call failed: its cohorts are closed
                     continue
-                except BaseException:
-                    for cohort, _ in group:
-                        self._close(cohort)
-                    raise
+                self.num_forwards += runner.merged_calls
                 for (cohort, _), out in zip(group, logits):
                     read = self._guard(cohort, lambda c=cohort, o=out: self._after_forward(c, o, events))
                     if read is not None:
@@ -229,7 +223,8 @@ class Scheduler:
         return events
 
     def _guard_all(self, cohorts: list[_Cohort], work):
-        """`_guard` for work that several cohorts share: it failing fails each of them."""
+        """work() for these cohorts (None if it raised): an exception fails each of them (`_failed`); anything
+        else (KeyboardInterrupt) closes them and propagates."""
         try:
             return work()
         except Exception as exc:
@@ -239,15 +234,10 @@ class Scheduler:
             for cohort in cohorts:
                 self._close(cohort)
             raise
+        return None
 
     def _guard(self, cohort: _Cohort, work):
-        try:
-            return work()
-        except Exception as exc:
-            self._failed(cohort, exc)
-        except BaseException:
-            self._close(cohort)
-            raise
+        return self._guard_all([cohort], work)
 
     def _failed(self, cohort: _Cohort, exc: Exception) -> None:
         """Close a cohort that raised. Not isolated, the step raises its (first) error once the other cohorts
