@@ -26,6 +26,9 @@ class AttentionPlan(Protocol):
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     # Optional, looked up with hasattr/getattr by the model:
+    #   store(layer) -> (k_buffer, v_buffer, columns) or None: instead of kv(), the model writes the fed keys and
+    #       values into the buffers [B, Hkv, T, D] at `columns` [B, Lq] (in the rotary kernel) and attends to
+    #       the whole buffers under `attn_mask`;
     #   attention(layer, q, k, v) -> out [B, H, Lq, D]: replaces kv() + attend() (a plan that needs the attention
     #       weights, or computes keys for some layers only);
     #   layer_input(layer, x, positions) -> (x, positions): called before each layer and once after the last
@@ -35,6 +38,14 @@ class AttentionPlan(Protocol):
 # How masked attention reads grouped K/V heads: "grouped" (query heads stacked, K/V read as stored) or "expand"
 # (K/V heads repeated first); `benchmarks/attention_gqa.py` times both, `benchmarks/step_time.py --masked-gqa` too.
 MASKED_GQA = "grouped"
+
+
+def head_major_queries(mask: torch.Tensor | None, groups: int) -> bool:
+    """Whether `attend` reads the queries as [B, H, Lq, D] contiguous (grouped heads under a mask: the query
+    heads of a group are stacked along the query axis, a view of head-major storage and a copy of any other);
+    elsewhere token-major queries ([B, Lq, H, D] storage) make the output token-major too, as the output
+    projection reads it."""
+    return mask is not None and groups > 1 and MASKED_GQA == "grouped"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -7,7 +7,8 @@ dominated by launch count, not bytes, and the eager RMSNorm alone is six kernels
 rounding points (float32 inside, cast to the activation dtype where the eager code casts), so they differ from
 the eager ops only by the order of a float32 reduction. `DLLM_DISABLE_TRITON=1` turns them off.
 
-Shapes: x [..., D] with unit stride in the last dimension; rotary q/k [B, L, H, D] with a table [P, D].
+Shapes: x [..., D] with unit stride in the last dimension; rotary q/k [B, L, H, D] with a table [P, D]; K/V
+buffers [B, Hkv, T, D] (`rope_store` writes the fed keys and values into them in the rotary kernel).
 """
 from __future__ import annotations
 
@@ -163,60 +164,137 @@ def rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_preci
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         full_precision: bool, norms: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [B, L, H, D] and k [B, L, Hkv, D] by the table rows of `positions` [B, L]; contiguous outputs in
-    the same layout. `norms` = (q weight, k weight, eps, weight_fp32): RMSNorm each head of q and k first (Qwen3's
-    and SDAR's q/k norms), in the same kernel, so strided q/k views are neither copied nor launched on twice."""
+         full_precision: bool, norms: tuple | None = None, head_major: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, L, H, D] and k [B, L, Hkv, D] by the table rows of `positions` [B, L]. `norms` = (q weight,
+    k weight, eps, weight_fp32): RMSNorm each head of q and k first (Qwen3's and SDAR's q/k norms), in the same
+    kernel, so strided q/k views are neither copied nor launched on twice.
+
+    The outputs have the inputs' shapes, contiguous; with `head_major` the kernel stores them [B, H, L, D]
+    contiguous instead (returned as transposed views: the layout `attention.attend` wants for grouped heads
+    under a mask, see `attention.head_major_queries`). The eager definition always returns them contiguous."""
     if not use_triton(q, k, *(norms[:2] if norms is not None else ())):
-        if norms is not None:
-            qw, kw, eps, weight_fp32 = norms
-            q, k = rms_norm_eager(q, qw, eps, weight_fp32), rms_norm_eager(k, kw, eps, weight_fp32)
-        c, s = cos[positions][:, :, None], sin[positions][:, :, None]
-        return rope_eager(q, c, s, full_precision), rope_eager(k, c, s, full_precision)
+        return _rope_eager_norms(q, k, positions, cos, sin, full_precision, norms)
+    q_out, k_out = _empty_like(q, head_major), _empty_like(k, head_major)
+    _launch_rope(q, k, None, q_out, k_out, None, None, positions, cos, sin, full_precision, norms)
+    return q_out, k_out
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, full_precision: bool, norms: tuple | None, k_buffer: torch.Tensor,
+               v_buffer: torch.Tensor, columns: torch.Tensor, head_major: bool = False) -> torch.Tensor:
+    """`rope`, with the rotated keys and the values [B, L, Hkv, D] written straight into K/V buffers
+    [B, Hkv, T, D] at `columns` [B, L] (a token's column in its row's buffer) rather than returned: one kernel
+    where the rotation and the two scatters into the cache were three. Returns q as `rope` does. (Two fed tokens
+    of a row given one column, as padding is, leave either one's K/V there.)"""
+    if not use_triton(q, k, v, k_buffer, v_buffer, *(norms[:2] if norms is not None else ())):
+        q, k = _rope_eager_norms(q, k, positions, cos, sin, full_precision, norms)
+        store_kv(k_buffer, v_buffer, columns, k.transpose(1, 2), v.transpose(1, 2))
+        return q
+    q_out = _empty_like(q, head_major)
+    _launch_rope(q, k, v, q_out, k_buffer.transpose(1, 2), v_buffer.transpose(1, 2), columns, positions, cos, sin,
+                 full_precision, norms)
+    return q_out
+
+
+def _empty_like(x: torch.Tensor, head_major: bool) -> torch.Tensor:
+    """An uninitialised [B, L, H, D] tensor like x, contiguous or a view of [B, H, L, D] storage."""
+    b, n, h, d = x.shape
+    if head_major:
+        return torch.empty(b, h, n, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+    return torch.empty(b, n, h, d, dtype=x.dtype, device=x.device)
+
+
+def store_kv(k_buffer: torch.Tensor, v_buffer: torch.Tensor, columns: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """k/v [B, Hkv, L, D] into the buffers [B, Hkv, T, D] at `columns` [B, L]."""
+    where = columns[:, None, :, None].expand(-1, k_buffer.shape[1], -1, k_buffer.shape[3])
+    k_buffer.scatter_(2, where, k)
+    v_buffer.scatter_(2, where, v)
+
+
+def _rope_eager_norms(q, k, positions, cos, sin, full_precision, norms):
+    if norms is not None:
+        qw, kw, eps, weight_fp32 = norms
+        q, k = rms_norm_eager(q, qw, eps, weight_fp32), rms_norm_eager(k, kw, eps, weight_fp32)
+    c, s = cos[positions][:, :, None], sin[positions][:, :, None]
+    return rope_eager(q, c, s, full_precision), rope_eager(k, c, s, full_precision)
+
+
+def _launch_rope(q, k, v, q_out, k_out, v_out, columns, positions, cos, sin, full_precision, norms):
+    """Outputs are [B, L|T, H|Hkv, D] with unit last stride: q_out at the token's own column, k_out (and v_out)
+    at `columns` [B, L] (None: the token's own column)."""
     b, n, h, d = q.shape
     hkv = k.shape[2]
-    q_out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(b, n, hkv, d, dtype=k.dtype, device=k.device)
-    if b * n:
-        pos = positions.reshape(-1)
-        if not pos.is_contiguous():
-            pos = pos.contiguous()
-        qw, kw, eps, weight_fp32 = norms if norms is not None else (q, k, 0.0, False)
-        _rope_kernel[(b * n, h + hkv)](q, k, q_out, k_out, pos, cos, sin, qw, kw, eps, n, h, q.stride(0),
-                                       q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), HALF=d // 2,
-                                       FULL_PRECISION=full_precision, NORM=norms is not None,
-                                       WEIGHT_FP32=weight_fp32, enable_fp_fusion=False)
-    return q_out, k_out
+    tokens = b * n
+    if tokens == 0:
+        return
+    pos = positions.reshape(-1)
+    if not pos.is_contiguous():
+        pos = pos.contiguous()
+    qw, kw, eps, weight_fp32 = norms if norms is not None else (q, k, 0.0, False)
+    # a program rotates a group of heads of one token: groups big enough to amortise the token's table reads,
+    # small enough that a few tokens still fill the GPU (~264 programs: two per SM of an H100/H200)
+    group = 1
+    while group < 16 and tokens * triton.cdiv(h, group * 2) >= 264:
+        group *= 2
+    store = v is not None
+    cols = columns if store else pos            # unused without a store
+    vv, vo = (v, v_out) if store else (k, k_out)
+    grid = (tokens, triton.cdiv(h, group) + triton.cdiv(hkv, group))
+    _rope_kernel[grid](q, k, vv, q_out, k_out, vo, cols, pos, cos, sin, qw, kw, eps, n, h, hkv, triton.cdiv(h, group),
+                       *_strides3(q), *_strides3(k), *_strides3(vv), *_strides3(q_out), *_strides3(k_out),
+                       *_strides3(vo), cols.stride(0), cols.stride(-1) if store else 0,
+                       HALF=d // 2, GROUP=group, FULL_PRECISION=full_precision, NORM=norms is not None,
+                       WEIGHT_FP32=weight_fp32, STORE=store, enable_fp_fusion=False,
+                       num_warps=1 if group * d <= 256 else 2 if group * d <= 1024 else 4)
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
 if triton is not None:
     @triton.jit
-    def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps, seq, n_heads,
-                     qs0, qs1, qs2, ks0, ks1, ks2, HALF: tl.constexpr, FULL_PRECISION: tl.constexpr,
-                     NORM: tl.constexpr, WEIGHT_FP32: tl.constexpr):
+    def _rope_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, vo_ptr, col_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
+                     eps, seq, n_heads, n_kv, q_groups, qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2, qos0, qos1, qos2,
+                     kos0, kos1, kos2, vos0, vos1, vos2, cs0, cs1, HALF: tl.constexpr, GROUP: tl.constexpr,
+                     FULL_PRECISION: tl.constexpr, NORM: tl.constexpr, WEIGHT_FP32: tl.constexpr,
+                     STORE: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
+        group = tl.program_id(1)
         b, t = token // seq, token % seq
-        if head < n_heads:
-            src = q_ptr + b * qs0 + t * qs1 + head * qs2
-            dst = qo_ptr + (token * n_heads + head) * 2 * HALF
+        i = tl.arange(0, HALF)[None, :]
+        if group < q_groups:                     # query heads
+            heads = group * GROUP + tl.arange(0, GROUP)[:, None]
+            keep = heads < n_heads
+            src = q_ptr + b * qs0 + t * qs1 + heads * qs2
+            dst = qo_ptr + b * qos0 + t * qos1 + heads * qos2
             w_ptr = qw_ptr
-        else:
-            n_kv = tl.num_programs(1) - n_heads
-            src = k_ptr + b * ks0 + t * ks1 + (head - n_heads) * ks2
-            dst = ko_ptr + (token * n_kv + head - n_heads) * 2 * HALF
+        else:                                    # key heads: at the token's column of its row's buffer
+            heads = (group - q_groups) * GROUP + tl.arange(0, GROUP)[:, None]
+            keep = heads < n_kv
+            if STORE:
+                col = tl.load(col_ptr + b * cs0 + t * cs1).to(tl.int64)
+            else:
+                col = t
+            src = k_ptr + b * ks0 + t * ks1 + heads * ks2
+            dst = ko_ptr + b * kos0 + col * kos1 + heads * kos2
             w_ptr = kw_ptr
+            if STORE:                            # the values go along unchanged
+                j = tl.arange(0, 2 * HALF)[None, :]
+                val = tl.load(v_ptr + b * vs0 + t * vs1 + heads * vs2 + j, mask=keep)
+                tl.store(vo_ptr + b * vos0 + col * vos1 + heads * vos2 + j, val, mask=keep)
         dtype = qo_ptr.dtype.element_ty
-        i = tl.arange(0, HALF)
         p = tl.load(pos_ptr + token).to(tl.int64)
         c1 = tl.load(cos_ptr + p * 2 * HALF + i)
         c2 = tl.load(cos_ptr + p * 2 * HALF + HALF + i)
         s1 = tl.load(sin_ptr + p * 2 * HALF + i)
         s2 = tl.load(sin_ptr + p * 2 * HALF + HALF + i)
-        x1 = tl.load(src + i).to(tl.float32)
-        x2 = tl.load(src + HALF + i).to(tl.float32)
-        if NORM:            # the head's RMSNorm first, rounded as `_rms_norm_kernel` rounds it
-            mean = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF)
+        x1 = tl.load(src + i, mask=keep, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + i, mask=keep, other=0.0).to(tl.float32)
+        if NORM:            # each head's RMSNorm first, rounded as `_rms_norm_kernel` rounds it
+            mean = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1))[:, None] / (2 * HALF)
             r = 1.0 / tl.sqrt(mean + eps)
             w1 = tl.load(w_ptr + i).to(tl.float32)
             w2 = tl.load(w_ptr + HALF + i).to(tl.float32)
@@ -234,5 +312,5 @@ if triton is not None:
             s1, s2 = s1.to(dtype).to(tl.float32), s2.to(dtype).to(tl.float32)
             y1 = (x1 * c1).to(dtype).to(tl.float32) + ((-x2) * s1).to(dtype).to(tl.float32)
             y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
-        tl.store(dst + i, y1.to(dtype))
-        tl.store(dst + HALF + i, y2.to(dtype))
+        tl.store(dst + i, y1.to(dtype), mask=keep)
+        tl.store(dst + HALF + i, y2.to(dtype), mask=keep)

@@ -49,6 +49,7 @@ import torch
 
 import torch.distributed as dist
 
+from dllm import ops
 from dllm.attention import attend
 from dllm.distributed import FORWARD, PREPARE, SELECT, DistributedError
 from dllm.kv import KVBuffers, KVPool
@@ -89,13 +90,14 @@ class _StepPlan:
     def __init__(self, write: torch.Tensor | None, attn_mask: torch.Tensor | None, buffers: KVBuffers | None):
         self.write, self.attn_mask, self.buffers = write, attn_mask, buffers
 
+    def store(self, layer: int):
+        return None if self.write is None else (self.buffers.k[layer], self.buffers.v[layer], self.write)
+
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.write is None:
             return k, v
         kb, vb = self.buffers.k[layer], self.buffers.v[layer]
-        where = self.write[:, None, :, None].expand(-1, kb.shape[1], -1, kb.shape[3])
-        kb.scatter_(2, where, k)
-        vb.scatter_(2, where, v)
+        ops.store_kv(kb, vb, self.write, k, v)
         return kb, vb
 
 

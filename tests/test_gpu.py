@@ -99,11 +99,13 @@ def test_padded_rows_get_their_tokens_alone_in_float32(model):
     assert batch == alone
 
 
-def test_cuda_matches_cpu_in_float32():
-    sp = SamplingParams(max_tokens=32, block_length=8, temperature=0)
+@pytest.mark.parametrize("model,cache", [("tiny-llada", "dual"), ("tiny-dream", "dual"), ("tiny-sdar", "block")])
+def test_cuda_matches_cpu_in_float32(model, cache):
+    """The device's kernels (rotary with the K/V store and q/k norms, fused norms) against the CPU's eager ops."""
+    sp = SamplingParams(max_tokens=32, block_length=8 if model != "tiny-sdar" else 4, temperature=0)
     messages = _messages(3)
-    cpu = LLM("tiny-llada", cache="dual", strategy="threshold", device="cpu", dtype="float32").chat(messages, sp)
-    gpu = LLM("tiny-llada", cache="dual", strategy="threshold", device="cuda", dtype="float32").chat(messages, sp)
+    cpu = LLM(model, cache=cache, strategy="threshold", device="cpu", dtype="float32").chat(messages, sp)
+    gpu = LLM(model, cache=cache, strategy="threshold", device="cuda", dtype="float32").chat(messages, sp)
     assert [o.token_ids for o in cpu] == [o.token_ids for o in gpu]
 
 
@@ -132,6 +134,17 @@ def test_kernels_match_eager_definitions_on_the_device(dtype):
         qr, kr = ops.rope(q, k, pos, cos, sin, full)
         c, s = cos[pos][:, :, None], sin[pos][:, :, None]
         assert torch.equal(qr, ops.rope_eager(q, c, s, full)) and torch.equal(kr, ops.rope_eager(k, c, s, full))
+        # the rotated keys and the values straight into K/V buffers at per-row columns (the runner's form)
+        v = qkv[:, :, 10:]
+        columns = torch.stack([torch.randperm(600, device="cuda", generator=g)[:33] for _ in range(2)])
+        kb = torch.randn(2, 2, 600, 128, device="cuda", generator=g).to(dtype)
+        vb = torch.randn(2, 2, 600, 128, device="cuda", generator=g).to(dtype)
+        want_kb, want_vb = kb.clone(), vb.clone()
+        ops.store_kv(want_kb, want_vb, columns, ops.rope_eager(k, c, s, full).transpose(1, 2), v.transpose(1, 2))
+        for head_major in (False, True):
+            got = ops.rope_store(q, k, v, pos, cos, sin, full, None, kb, vb, columns, head_major)
+            assert torch.equal(got, qr) and (got.transpose(1, 2) if head_major else got).is_contiguous()
+            assert torch.equal(kb, want_kb) and torch.equal(vb, want_vb)
         for weight_fp32 in (False, True):   # q/k norms fused into the rotary kernel vs the two kernels apart
             qw = torch.randn(128, device="cuda", generator=g).to(dtype)
             kw = torch.randn(128, device="cuda", generator=g).to(dtype)

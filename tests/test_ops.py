@@ -61,6 +61,30 @@ SCRIPT = textwrap.dedent('''
             assert qr.is_contiguous() and kr.is_contiguous()
             same(qr, want_q, dtype)
             same(kr, want_k, dtype)
+            hq, hk = ops.rope(q, k, pos, cos, sin, full, None, True)       # stored head-major
+            assert hq.transpose(1, 2).is_contiguous() and hk.transpose(1, 2).is_contiguous()
+            same(hq, want_q, dtype)
+            same(hk, want_k, dtype)
+            # enough tokens that a program rotates a group of heads (16 here, most of them past the 6 or 2 there are)
+            long_qkv, long_pos = rand(2, 140, 10, 16, dtype=dtype), torch.randint(0, 64, (2, 140), generator=g)
+            lc, ls = cos[long_pos][:, :, None], sin[long_pos][:, :, None]
+            lq, lk = ops.rope(long_qkv[:, :, :6], long_qkv[:, :, 6:8], long_pos, cos, sin, full)
+            same(lq, ops.rope_eager(long_qkv[:, :, :6], lc, ls, full), dtype)
+            same(lk, ops.rope_eager(long_qkv[:, :, 6:8], lc, ls, full), dtype)
+            # rope_store: the rotated keys and the values written into K/V buffers at per-row columns
+            v = qkv[:, :, 8:]
+            columns = torch.stack([torch.randperm(20, generator=g)[:9] for _ in range(2)])
+            for norms in (None, (rand(16, dtype=dtype), rand(16, dtype=dtype), 1e-6, False)):
+                kb, vb = rand(2, 2, 20, 16, dtype=dtype), rand(2, 2, 20, 16, dtype=dtype)
+                want_kb, want_vb = kb.clone(), vb.clone()
+                want_q, want_k = ops.rope(q, k, pos, cos, sin, full, norms)
+                ops.store_kv(want_kb, want_vb, columns, want_k.transpose(1, 2), v.transpose(1, 2))
+                for head_major in (False, True):
+                    got_q = ops.rope_store(q, k, v, pos, cos, sin, full, norms, kb, vb, columns, head_major)
+                    assert (got_q.transpose(1, 2) if head_major else got_q).is_contiguous()
+                    same(got_q, want_q, dtype)
+                    same(kb, want_kb, dtype)
+                    assert torch.equal(vb, want_vb)
             for weight_fp32 in (False, True):                          # q/k norms (Qwen3, SDAR) in the same kernel
                 qw, kw = rand(16, dtype=dtype), rand(16, dtype=dtype)
                 qr, kr = ops.rope(q, k, pos, cos, sin, full, (qw, kw, 1e-6, weight_fp32))

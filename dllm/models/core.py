@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from dllm import ops
-from dllm.attention import AttentionPlan, attend
+from dllm.attention import AttentionPlan, attend, head_major_queries
 from dllm.models.spec import ArchConfig
 from dllm.parallel import TPInfo, head_range, kv_head_range, split_range
 
@@ -101,7 +101,15 @@ class Attention(nn.Module):
         norms = None
         if self.q_norm is not None:   # normed inside the rotary kernel
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_fp32)
-        q, k = ops.rope(q, k, *rope, rotary.full_precision, norms)
+        store = plan.store(layer) if hasattr(plan, "store") else None
+        mask = getattr(plan, "attn_mask", None)
+        head_major = head_major_queries(mask, self.num_heads // self.num_kv_heads)
+        if store is not None:   # the plan's buffers take the fed K/V from the rotary kernel, attention reads them
+            k_buffer, v_buffer, columns = store
+            q = ops.rope_store(q, k, v, *rope, rotary.full_precision, norms, k_buffer, v_buffer, columns, head_major)
+            out = attend(q.transpose(1, 2), k_buffer, v_buffer, mask)
+            return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, n, -1)))
+        q, k = ops.rope(q, k, *rope, rotary.full_precision, norms, head_major)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H|Hkv, L, D] views
         if plan is None:
             out = attend(q, k, v, None)
