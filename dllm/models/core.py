@@ -152,9 +152,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, x, rotary, rope, plan, layer):
-        h, normed = self.mlp_norm.add_forward(x, self.attn(self.attn_norm(x), rotary, rope, plan, layer))
-        return h + self.mlp(normed)
+    def forward(self, x, rotary, rope, plan, layer, delta=None):
+        """The layer's output as (h, delta), whose sum it is: the residual add is left to the next norm, which
+        does it in its own pass (`add_forward`). `delta`: the previous layer's, if not yet added to x."""
+        x, normed = (x, self.attn_norm(x)) if delta is None else self.attn_norm.add_forward(x, delta)
+        h, normed = self.mlp_norm.add_forward(x, self.attn(normed, rotary, rope, plan, layer))
+        return h, self.mlp(normed)
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -221,16 +224,22 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         rope = self.rotary.inputs(positions, rope_table)
         layer_input = getattr(plan, "layer_input", None)
+        delta = None   # the last layer's output not yet added to x (the next norm adds it)
         for i, layer in enumerate(self.layers):
             if layer_input is not None:
+                if delta is not None:
+                    x, delta = x + delta, None
                 x, new_positions = layer_input(i, x, positions)
                 if new_positions is not positions:
                     positions, rope = new_positions, self.rotary.inputs(new_positions, rope_table)
-            x = layer(x, self.rotary, rope, plan, i)
+            x, delta = layer(x, self.rotary, rope, plan, i, delta)
         if layer_input is not None:
-            x, _ = layer_input(len(self.layers), x, positions)
+            x, _ = layer_input(len(self.layers), x + delta, positions)
+            delta = None
+        parts = [x] if delta is None else [x, delta]
         if logits_range is not None:
-            x = x[:, logits_range[0]:logits_range[1]]
+            parts = [t[:, logits_range[0]:logits_range[1]] for t in parts]
         if logits_index is not None:
-            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
-        return self.lm_head(self.norm(x))
+            parts = [t.gather(1, logits_index[..., None].expand(-1, -1, t.shape[-1])) for t in parts]
+        normed = self.norm(parts[0]) if delta is None else self.norm.add_forward(*parts)[1]
+        return self.lm_head(normed)
