@@ -28,7 +28,7 @@ class AttentionPlan(Protocol):
     # Optional, looked up with hasattr/getattr by the model:
     #   store(layer) -> (k_buffer, v_buffer, columns) or None: instead of kv(), the model writes the fed keys and
     #       values into the buffers [B, Hkv, T, D] at `columns` [B, Lq] (in the rotary kernel) and attends to
-    #       the whole buffers under `attn_mask`;
+    #       the whole buffers under `attention_mask(groups, Lq, dtype)` (`attn_mask` as `prepare_mask` makes it);
     #   attention(layer, q, k, v) -> out [B, H, Lq, D]: replaces kv() + attend() (a plan that needs the attention
     #       weights, or computes keys for some layers only);
     #   layer_input(layer, x, positions) -> (x, positions): called before each layer and once after the last
@@ -48,8 +48,21 @@ def head_major_queries(mask: torch.Tensor | None, groups: int) -> bool:
     return mask is not None and groups > 1 and MASKED_GQA == "grouped"
 
 
+def prepare_mask(mask: torch.Tensor | None, groups: int, lq: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """`mask` (bool, as `attend` takes it) in the form `attend` hands to SDPA for queries of `groups` x `lq`
+    rows: additive (0 / -inf in `dtype`, what SDPA turns a boolean mask into before its kernels) and, for
+    grouped heads, repeated over the stacked query rows. A forward prepares it once for all its layers
+    (`runner._StepPlan.attention_mask`) instead of every layer converting and copying it again; `attend` takes a
+    floating-point mask as prepared."""
+    if mask is None:
+        return None
+    if groups > 1 and MASKED_GQA == "grouped" and mask.shape[2] != 1:
+        mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * lq, -1)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B|1, 1, Lq|1, Lk] -> [B, H, Lq, D].
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B|1, 1, Lq|1, Lk] (or `prepare_mask`'s) -> [B, H, Lq, D].
 
     PyTorch SDPA picks the kernel by device, dtype and mask. With no mask every key is visible and the flash
     kernel runs, reading grouped K/V heads in place (`enable_gqa`, no copy). With a mask the memory-efficient
@@ -69,7 +82,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                               v.repeat_interleave(groups, dim=1), attn_mask=mask)
     b, h, lq, d = q.shape
     hkv = k.shape[1]
-    if mask.shape[2] != 1:   # [B, 1, Lq, Lk] -> [B, 1, G * Lq, Lk], row g * Lq + i = query i of group member g
+    if mask.shape[2] != 1 and mask.dtype == torch.bool:   # [B, 1, Lq, Lk] -> [B, 1, G * Lq, Lk], row g * Lq + i
         mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * lq, -1)
     out = F.scaled_dot_product_attention(q.reshape(b, hkv, groups * lq, d), k, v, attn_mask=mask)
     return out.reshape(b, h, lq, d)

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from dllm import ops
-from dllm.attention import attend
+from dllm.attention import attend, prepare_mask
 from dllm.distributed import FORWARD, PREPARE, SELECT, DistributedError
 from dllm.kv import KVBuffers, KVPool
 from dllm.models.core import Transformer
@@ -89,6 +89,14 @@ class _StepPlan:
 
     def __init__(self, write: torch.Tensor | None, attn_mask: torch.Tensor | None, buffers: KVBuffers | None):
         self.write, self.attn_mask, self.buffers = write, attn_mask, buffers
+        self._prepared: tuple | None = None
+
+    def attention_mask(self, groups: int, lq: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """`attn_mask` as `attention.prepare_mask` makes it, once for every layer of the forward."""
+        key = (groups, lq, dtype)
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = key, prepare_mask(self.attn_mask, groups, lq, dtype)
+        return self._prepared[1]
 
     def store(self, layer: int):
         return None if self.write is None else (self.buffers.k[layer], self.buffers.v[layer], self.write)

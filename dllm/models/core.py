@@ -107,6 +107,8 @@ class Attention(nn.Module):
         if store is not None:   # the plan's buffers take the fed K/V from the rotary kernel, attention reads them
             k_buffer, v_buffer, columns = store
             q = ops.rope_store(q, k, v, *rope, rotary.full_precision, norms, k_buffer, v_buffer, columns, head_major)
+            if mask is not None:   # converted (and repeated for grouped heads) once a forward, not every layer
+                mask = plan.attention_mask(self.num_heads // self.num_kv_heads, n, q.dtype)
             out = attend(q.transpose(1, 2), k_buffer, v_buffer, mask)
             return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, n, -1)))
         q, k = ops.rope(q, k, *rope, rotary.full_precision, norms, head_major)
