@@ -56,9 +56,17 @@ def prepare_mask(mask: torch.Tensor | None, groups: int, lq: int, dtype: torch.d
     floating-point mask as prepared."""
     if mask is None:
         return None
-    if groups > 1 and MASKED_GQA == "grouped" and mask.shape[2] != 1:
-        mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * lq, -1)
+    if groups > 1 and MASKED_GQA == "grouped":
+        mask = _stacked(mask, groups, lq)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+
+
+def _stacked(mask: torch.Tensor, groups: int, lq: int) -> torch.Tensor:
+    """[B, 1, Lq, Lk] -> [B, 1, G * Lq, Lk], row g * Lq + i = query i of group member g (a per-key mask of one
+    query row [B, 1, 1, Lk] broadcasts as it is)."""
+    if mask.shape[2] == 1:
+        return mask
+    return mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * lq, -1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -82,8 +90,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                               v.repeat_interleave(groups, dim=1), attn_mask=mask)
     b, h, lq, d = q.shape
     hkv = k.shape[1]
-    if mask.shape[2] != 1 and mask.dtype == torch.bool:   # [B, 1, Lq, Lk] -> [B, 1, G * Lq, Lk], row g * Lq + i
-        mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * lq, -1)
+    if mask.dtype == torch.bool:   # (a prepared mask is stacked already)
+        mask = _stacked(mask, groups, lq)
     out = F.scaled_dot_product_attention(q.reshape(b, hkv, groups * lq, d), k, v, attn_mask=mask)
     return out.reshape(b, h, lq, d)
 
