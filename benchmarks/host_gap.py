@@ -2,7 +2,7 @@
 
 Wraps the runner's graph replay and the engine's status transfer with host timestamps (and CUDA events around
 each replay) while `LLM.generate` decodes random prompts on a real-shape model (random weights), then reports
-per step, averaged over the timed run:
+per step over the timed run (median and mean):
 
 - wait:    host time blocked in the status transfer (the device still working on the step);
 - prepare: host time from the transfer's return to the next replay call (emitting, planning, feeding inputs);
@@ -51,7 +51,7 @@ def main() -> None:
         if (pathlib.Path(args.config_dir) / name).is_file():
             shutil.copy(pathlib.Path(args.config_dir) / name, work / name)
     llm = LLM(str(work), device="cuda", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
-              cache=args.cache)
+              cache=args.cache, strategy="reference")
     vocab = llm.loaded.arch.vocab_size
     prompts = [torch.randint(2, vocab - 2, (args.prompt_len,)).tolist() for _ in range(args.batch)]
     extra = {"alg": "maskgit_plus"} if llm.spec.family == "dream" else {}
@@ -109,12 +109,15 @@ def main() -> None:
     graph_ms = [s.elapsed_time(e) for s, e in events]
     row = {"config": pathlib.Path(args.config_dir).name, "cache": args.cache, "batch": args.batch, "gen": args.gen,
            "block": args.block, "nfe": nfe, "replays": len(events), "ms_per_step": round(wall / nfe * 1e3, 3),
-           "graph_ms_median": round(statistics.median(graph_ms), 3) if graph_ms else None}
-    for name, values in parts.items():
+           "graph_ms_median": round(statistics.median(graph_ms), 3) if graph_ms else None,
+           "graph_ms_mean": round(statistics.mean(graph_ms), 3) if graph_ms else None}
+    for name, values in parts.items():   # medians: a block's usual step; means: what the run's wall time adds up
         row[f"{name}_ms_median"] = round(statistics.median(values) * 1e3, 3) if values else None
+        row[f"{name}_ms_mean"] = round(statistics.mean(values) * 1e3, 3) if values else None
     print(f"{row['config']} {args.cache} b{args.batch}: {row['ms_per_step']} ms/step over {nfe} steps "
-          f"({len(events)} graph replays, device {row['graph_ms_median']} ms each); host per step (median): "
-          + ", ".join(f"{k} {row[f'{k}_ms_median']} ms" for k in parts))
+          f"({len(events)} graph replays, device {row['graph_ms_median']} ms median, {row['graph_ms_mean']} mean); "
+          "host per step (median / mean): " + ", ".join(f"{k} {row[f'{k}_ms_median']} / {row[f'{k}_ms_mean']} ms"
+                                                        for k in parts))
     print(json.dumps(row))
 
 
