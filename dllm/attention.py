@@ -28,7 +28,9 @@ class AttentionPlan(Protocol):
     # Optional, looked up with hasattr/getattr by the model:
     #   store(layer) -> (k_buffer, v_buffer, columns) or None: instead of kv(), the model writes the fed keys and
     #       values into the buffers [B, Hkv, T, D] at `columns` [B, Lq] (in the rotary kernel) and attends to
-    #       the whole buffers under `attention_mask(groups, Lq, dtype)` (`attn_mask` as `prepare_mask` makes it);
+    #       the whole buffers;
+    #   attention_mask(groups, Lq, dtype) -> `attn_mask` as `prepare_mask` makes it (the plan makes it once for
+    #       all layers), which the model then attends under;
     #   attention(layer, q, k, v) -> out [B, H, Lq, D]: replaces kv() + attend() (a plan that needs the attention
     #       weights, or computes keys for some layers only);
     #   layer_input(layer, x, positions) -> (x, positions): called before each layer and once after the last
@@ -50,15 +52,20 @@ def head_major_queries(mask: torch.Tensor | None, groups: int) -> bool:
 
 def prepare_mask(mask: torch.Tensor | None, groups: int, lq: int, dtype: torch.dtype) -> torch.Tensor | None:
     """`mask` (bool, as `attend` takes it) in the form `attend` hands to SDPA for queries of `groups` x `lq`
-    rows: additive (0 / -inf in `dtype`, what SDPA turns a boolean mask into before its kernels) and, for
-    grouped heads, repeated over the stacked query rows. A forward prepares it once for all its layers
-    (`runner._StepPlan.attention_mask`) instead of every layer converting and copying it again; `attend` takes a
-    floating-point mask as prepared."""
+    rows: additive, as SDPA turns a boolean mask into before its kernels, and, for grouped heads, repeated over
+    the stacked query rows. A forward prepares it once for all its layers (`runner._StepPlan.attention_mask`)
+    instead of every layer converting and copying it again; `attend` takes a floating-point mask as prepared.
+
+    Hidden keys get -inf, except for half-precision CUDA tensors, whose masked attention runs in cuDNN: there
+    they get -65504, the finite value PyTorch has long given cuDNN for a boolean mask (its workaround for cuDNN's
+    handling of -inf). For a query that sees any key the two weigh a hidden key exactly the same (exp underflows
+    to 0, also across a leading tile of hidden keys); no query of ours sees none (a pad attends to itself)."""
     if mask is None:
         return None
     if groups > 1 and MASKED_GQA == "grouped":
         mask = _stacked(mask, groups, lq)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+    hidden = -65504.0 if mask.is_cuda and dtype in (torch.float16, torch.bfloat16) else -torch.inf
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, hidden)
 
 
 def _stacked(mask: torch.Tensor, groups: int, lq: int) -> torch.Tensor:

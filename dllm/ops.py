@@ -185,8 +185,10 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: tor
                v_buffer: torch.Tensor, columns: torch.Tensor, head_major: bool = False) -> torch.Tensor:
     """`rope`, with the rotated keys and the values [B, L, Hkv, D] written straight into K/V buffers
     [B, Hkv, T, D] at `columns` [B, L] (a token's column in its row's buffer) rather than returned: one kernel
-    where the rotation and the two scatters into the cache were three. Returns q as `rope` does. (Two fed tokens
-    of a row given one column, as padding is, leave either one's K/V there.)"""
+    where the rotation and the two scatters into the cache were three. Returns q as `rope` does. (Fed tokens of a
+    row given one column, as padding slots are, leave some one's key and some one's value there, not necessarily
+    the same token's: such a column must be one nothing reads, as the scratch column is. Columns are not
+    bounds-checked: they come from the runner's plans.)"""
     if not use_triton(q, k, v, k_buffer, v_buffer, *(norms[:2] if norms is not None else ())):
         q, k = _rope_eager_norms(q, k, positions, cos, sin, full_precision, norms)
         store_kv(k_buffer, v_buffer, columns, k.transpose(1, 2), v.transpose(1, 2))
@@ -266,13 +268,13 @@ if triton is not None:
         b, t = token // seq, token % seq
         i = tl.arange(0, HALF)[None, :]
         if group < q_groups:                     # query heads
-            heads = group * GROUP + tl.arange(0, GROUP)[:, None]
+            heads = (group * GROUP + tl.arange(0, GROUP)[:, None]).to(tl.int64)
             keep = heads < n_heads
             src = q_ptr + b * qs0 + t * qs1 + heads * qs2
             dst = qo_ptr + b * qos0 + t * qos1 + heads * qos2
             w_ptr = qw_ptr
         else:                                    # key heads: at the token's column of its row's buffer
-            heads = (group - q_groups) * GROUP + tl.arange(0, GROUP)[:, None]
+            heads = ((group - q_groups) * GROUP + tl.arange(0, GROUP)[:, None]).to(tl.int64)
             keep = heads < n_kv
             if STORE:
                 col = tl.load(col_ptr + b * cs0 + t * cs1).to(tl.int64)

@@ -110,6 +110,28 @@ def test_cuda_matches_cpu_in_float32(model, cache):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
+def test_prepared_masks_attend_as_boolean_masks_on_the_device(dtype, heads, kv_heads):
+    """The mask a forward prepares once (additive, stacked for grouped heads) against the boolean mask SDPA
+    converts itself, on whichever kernel the device picks (cuDNN for bf16 on Hopper), with a long left padding
+    (whole tiles of hidden keys before the first visible one) and keys hidden past each row's end."""
+    from dllm.attention import attend, prepare_mask
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, lq, lk, d = 4, 8, 640, 128
+    q = torch.randn(b, lq, heads, d, device="cuda", generator=g).to(dtype).transpose(1, 2).contiguous()
+    k, v = (torch.randn(b, kv_heads, lk, d, device="cuda", generator=g).to(dtype) for _ in range(2))
+    cols = torch.arange(lk, device="cuda")
+    pad = torch.tensor([0, 130, 300, 500], device="cuda")[:, None]
+    end = torch.tensor([600, 520, 640, 560], device="cuda")[:, None]
+    mask = ((cols >= pad) & (cols < end))[:, None, None, :].expand(b, 1, lq, lk).clone()
+    mask[:, :, :, 505:510] &= torch.rand(b, 1, lq, 5, device="cuda", generator=g) > 0.5   # rows differ
+    got = attend(q, k, v, prepare_mask(mask, heads // kv_heads, lq, dtype))
+    want = attend(q, k, v, mask)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want) if dtype == torch.float32 else (got.float() - want.float()).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernels_match_eager_definitions_on_the_device(dtype):
     from dllm import ops
     assert ops.triton is not None

@@ -101,14 +101,15 @@ class Attention(nn.Module):
         norms = None
         if self.q_norm is not None:   # normed inside the rotary kernel
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_fp32)
-        store = plan.store(layer) if hasattr(plan, "store") else None
+        groups = self.num_heads // self.num_kv_heads
         mask = getattr(plan, "attn_mask", None)
-        head_major = head_major_queries(mask, self.num_heads // self.num_kv_heads)
+        head_major = head_major_queries(mask, groups)
+        if mask is not None and hasattr(plan, "attention_mask"):   # converted (and stacked) once a forward
+            mask = plan.attention_mask(groups, n, q.dtype)
+        store = plan.store(layer) if hasattr(plan, "store") else None
         if store is not None:   # the plan's buffers take the fed K/V from the rotary kernel, attention reads them
             k_buffer, v_buffer, columns = store
             q = ops.rope_store(q, k, v, *rope, rotary.full_precision, norms, k_buffer, v_buffer, columns, head_major)
-            if mask is not None:   # converted (and repeated for grouped heads) once a forward, not every layer
-                mask = plan.attention_mask(self.num_heads // self.num_kv_heads, n, q.dtype)
             out = attend(q.transpose(1, 2), k_buffer, v_buffer, mask)
             return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, n, -1)))
         q, k = ops.rope(q, k, *rope, rotary.full_precision, norms, head_major)
@@ -119,7 +120,7 @@ class Attention(nn.Module):
             out = plan.attention(layer, q, k, v)
         else:
             k, v = plan.kv(layer, k, v)
-            out = attend(q, k, v, plan.attn_mask)  # [B, H, L, D]
+            out = attend(q, k, v, mask)  # [B, H, L, D]
         return self.tp.all_reduce(self.o_proj(out.transpose(1, 2).reshape(b, n, -1)))
 
 
