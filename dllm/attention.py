@@ -16,7 +16,8 @@ import torch.nn.functional as F
 class AttentionPlan(Protocol):
     """Per-forward answer to "which K/V does each layer attend to".
 
-    `attn_mask`: bool, broadcastable to [B, H, Lq, Lk], True = may attend; None = attend to everything.
+    `attn_mask`: bool, broadcastable to [B, H, Lq, Lk], True = may attend; None = attend to everything; or the
+    same made once a forward by `prepare_mask` for this model's query heads (additive, stacked for grouped heads).
     `kv(layer, k, v)`: k, v are the fed tokens' post-RoPE keys/values [B, Hkv, Lq, D]; returns the keys and
     values to attend to, [B, Hkv, Lk, D].
     """
@@ -29,8 +30,6 @@ class AttentionPlan(Protocol):
     #   store(layer) -> (k_buffer, v_buffer, columns) or None: instead of kv(), the model writes the fed keys and
     #       values into the buffers [B, Hkv, T, D] at `columns` [B, Lq] (in the rotary kernel) and attends to
     #       the whole buffers;
-    #   attention_mask(groups, Lq, dtype) -> `attn_mask` as `prepare_mask` makes it (the plan makes it once for
-    #       all layers), which the model then attends under;
     #   attention(layer, q, k, v) -> out [B, H, Lq, D]: replaces kv() + attend() (a plan that needs the attention
     #       weights, or computes keys for some layers only);
     #   layer_input(layer, x, positions) -> (x, positions): called before each layer and once after the last
@@ -53,7 +52,7 @@ def head_major_queries(mask: torch.Tensor | None, groups: int) -> bool:
 def prepare_mask(mask: torch.Tensor | None, groups: int, lq: int, dtype: torch.dtype) -> torch.Tensor | None:
     """`mask` (bool, as `attend` takes it) in the form `attend` hands to SDPA for queries of `groups` x `lq`
     rows: additive, as SDPA turns a boolean mask into before its kernels, and, for grouped heads, repeated over
-    the stacked query rows. A forward prepares it once for all its layers (`runner._StepPlan.attention_mask`)
+    the stacked query rows. A forward prepares it once for all its layers (`ModelRunner._plan`)
     instead of every layer converting and copying it again; `attend` takes a floating-point mask as prepared.
 
     Hidden keys get -inf, except for half-precision CUDA tensors, whose masked attention runs in cuDNN: there

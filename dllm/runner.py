@@ -85,18 +85,11 @@ def span_bucket(n: int) -> int:
 
 class _StepPlan:
     """The canonical attention plan of a runner forward: scatter the fed K/V at `write` [B, W] (None: no
-    buffers, attend to the fed tokens themselves) and attend to the buffers under `attn_mask` (None: all)."""
+    buffers, attend to the fed tokens themselves) and attend to the buffers under `attn_mask` (None: all; made
+    once a forward by `ModelRunner._plan` in the form `attention.prepare_mask` gives, not by every layer)."""
 
     def __init__(self, write: torch.Tensor | None, attn_mask: torch.Tensor | None, buffers: KVBuffers | None):
         self.write, self.attn_mask, self.buffers = write, attn_mask, buffers
-        self._prepared: tuple | None = None
-
-    def attention_mask(self, groups: int, lq: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """`attn_mask` as `attention.prepare_mask` makes it, once for every layer of the forward."""
-        key = (groups, lq, dtype)
-        if self._prepared is None or self._prepared[0] != key:
-            self._prepared = key, prepare_mask(self.attn_mask, groups, lq, dtype)
-        return self._prepared[1]
 
     def store(self, layer: int):
         return None if self.write is None else (self.buffers.k[layer], self.buffers.v[layer], self.write)
@@ -318,7 +311,7 @@ class ModelRunner:
         if self.merge_in_pool:
             return self._forward_in_pool(calls, inputs)
         rows = [i.ids.shape[0] for i in inputs]
-        plan = _MergedPlan([(_StepPlan(i.write, i.mask, i.buffers), n) for i, n in zip(inputs, rows)])
+        plan = _MergedPlan([(self._plan(i), n) for i, n in zip(inputs, rows)])
         logits = self.model(torch.cat([i.ids for i in inputs]), torch.cat([i.positions for i in inputs]), plan,
                             logits_index=torch.cat([i.logits_index for i in inputs]), rope_table=self.rope)
         return list(logits.split(rows))
@@ -362,8 +355,13 @@ class ModelRunner:
             dist.gather(logits.contiguous(), None, dst=0)
 
     def run_eager(self, inputs: _Inputs) -> torch.Tensor:
-        plan = _StepPlan(inputs.write, inputs.mask, inputs.buffers)
-        return self.model(inputs.ids, inputs.positions, plan, logits_index=inputs.logits_index, rope_table=self.rope)
+        return self.model(inputs.ids, inputs.positions, self._plan(inputs), logits_index=inputs.logits_index,
+                          rope_table=self.rope)
+
+    def _plan(self, inputs: _Inputs) -> _StepPlan:
+        groups = self.arch.num_heads // self.arch.num_kv_heads   # this rank's heads
+        mask = prepare_mask(inputs.mask, groups, inputs.ids.shape[1], self.dtype)
+        return _StepPlan(inputs.write, mask, inputs.buffers)
 
     def _graphable(self, buffers: KVBuffers | None) -> bool:
         """Graphs capture addresses: only the runner's own pool (or no buffers at all) stays put between runs."""

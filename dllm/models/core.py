@@ -101,11 +101,8 @@ class Attention(nn.Module):
         norms = None
         if self.q_norm is not None:   # normed inside the rotary kernel
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_fp32)
-        groups = self.num_heads // self.num_kv_heads
         mask = getattr(plan, "attn_mask", None)
-        head_major = head_major_queries(mask, groups)
-        if mask is not None and hasattr(plan, "attention_mask"):   # converted (and stacked) once a forward
-            mask = plan.attention_mask(groups, n, q.dtype)
+        head_major = head_major_queries(mask, self.num_heads // self.num_kv_heads)
         store = plan.store(layer) if hasattr(plan, "store") else None
         if store is not None:   # the plan's buffers take the fed K/V from the rotary kernel, attention reads them
             k_buffer, v_buffer, columns = store
