@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -31,9 +29,9 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dllm import LLM, SamplingParams  # noqa: E402
 from dllm import engine as engine_module  # noqa: E402
 from dllm import runner as runner_module  # noqa: E402
+from real_shape import dummy_llm, one_token_a_step  # noqa: E402
 
 
 def main() -> None:
@@ -46,18 +44,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=4)
     args = ap.parse_args()
 
-    work = pathlib.Path(tempfile.mkdtemp())
-    for name in ("config.json", "generation_config.json"):
-        if (pathlib.Path(args.config_dir) / name).is_file():
-            shutil.copy(pathlib.Path(args.config_dir) / name, work / name)
-    llm = LLM(str(work), device="cuda", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
-              cache=args.cache, strategy="reference")
-    vocab = llm.loaded.arch.vocab_size
-    prompts = [torch.randint(2, vocab - 2, (args.prompt_len,)).tolist() for _ in range(args.batch)]
-    extra = {"alg": "maskgit_plus"} if llm.spec.family == "dream" else {}
-    steps = args.gen if llm.spec.family != "sdar" else args.block
-    sp = SamplingParams(max_tokens=args.gen, block_length=args.block, steps=steps, ignore_eos=True, temperature=0,
-                        **extra)
+    llm = dummy_llm(args.config_dir, device="cuda", dtype="bfloat16", cache=args.cache, strategy="reference")
+    prompts, sp = one_token_a_step(llm, args.batch, args.prompt_len, args.gen, args.block)
     llm.generate(prompts, sp)   # graphs captured, kernels warm
     llm.generate(prompts, sp)
 

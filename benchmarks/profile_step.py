@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -22,8 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dllm import LLM, SamplingParams  # noqa: E402
 from dllm.engine import Engine  # noqa: E402
+from real_shape import dummy_llm, one_token_a_step  # noqa: E402
 
 
 def main() -> None:
@@ -38,17 +36,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["eager", "graph"])
     args = ap.parse_args()
 
-    work = pathlib.Path(tempfile.mkdtemp())
-    for name in ("config.json", "generation_config.json"):
-        if (pathlib.Path(args.config_dir) / name).is_file():
-            shutil.copy(pathlib.Path(args.config_dir) / name, work / name)
-    llm = LLM(str(work), device="cuda", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True)
-    vocab = llm.loaded.arch.vocab_size
-    prompts = [torch.randint(2, vocab - 2, (args.prompt_len,)).tolist() for _ in range(args.batch)]
-    extra = {"alg": "maskgit_plus"} if llm.spec.family == "dream" else {}
-    steps = args.gen if llm.spec.family != "sdar" else args.block
-    sp = SamplingParams(max_tokens=args.gen, block_length=args.block, steps=steps, ignore_eos=True, temperature=0,
-                        **extra)
+    llm = dummy_llm(args.config_dir, device="cuda", dtype="bfloat16")
+    prompts, sp = one_token_a_step(llm, args.batch, args.prompt_len, args.gen, args.block)
     report = {}
     for mode in args.modes:
         llm.engine = Engine(llm.loaded, cache=args.cache, strategy="reference", enforce_eager=(mode == "eager"))
@@ -72,7 +61,7 @@ def main() -> None:
             print(f"  {e.self_device_time_total / nfe / 1e3:7.3f} ms/step  {e.count / nfe:6.1f}/step  {e.key[:110]}")
         host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
                       key=lambda e: e.self_cpu_time_total, reverse=True)[:args.top]
-        print(f"  host ops by self time (ms/step):")
+        print("  host ops by self time (ms/step):")
         for e in host:
             print(f"  {e.self_cpu_time_total / nfe / 1e3:7.3f} ms/step  {e.count / nfe:6.1f}/step  {e.key[:110]}")
         report[mode] = {"ms_per_step_profiled": round(wall / nfe * 1e3, 3), "kernels_per_step": round(launches / nfe, 1),

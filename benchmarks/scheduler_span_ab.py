@@ -5,20 +5,15 @@ then the two alternated twice. One JSON line a trial, then one JSON object.
 
     python3 benchmarks/scheduler_span_ab.py          # from the repository root, on a GPU
 """
-import argparse, json, pathlib, shutil, sys, tempfile
+import argparse, json, pathlib, sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import torch
 import dllm.runner as runner_module
-from dllm import LLM
+from real_shape import dummy_llm
 import scheduler_steps as ss
 
 args = argparse.Namespace(config_dir="tests/data/checkpoints/LLaDA-8B-Instruct", device="cuda", dtype="bfloat16",
                           rate=2.0, requests=20, max_tokens=256, slots=32, seed=0)
-work = pathlib.Path(tempfile.mkdtemp())
-for name in ("config.json", "generation_config.json"):
-    shutil.copy(pathlib.Path(args.config_dir) / name, work / name)
-llm = LLM(str(work), dtype="bfloat16", device="cuda", load_format="dummy", skip_tokenizer_init=True,
-          cache="dual", strategy="reference")
+llm = dummy_llm(args.config_dir, dtype="bfloat16", device="cuda", cache="dual", strategy="reference")
 rec = ss.Recorder(llm.engine.runner, "cuda")
 finer, pow2 = runner_module.span_bucket, runner_module.batch_bucket
 rows = []

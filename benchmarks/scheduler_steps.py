@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import random
-import shutil
 import statistics
-import tempfile
 import time
 
 import torch
 
-from dllm import LLM, SamplingParams
+from dllm import SamplingParams
 from dllm.engine import StatusRead
 from dllm.scheduler import Scheduler
+from real_shape import dummy_llm
 
 _BATCHED_AFTER_FORWARD = Scheduler._after_forward
 
@@ -138,13 +136,8 @@ def main() -> None:
     ap.add_argument("--trials", nargs="+", default=["per-cohort-reads", "forwards-timed", "batched"],
                     choices=["per-cohort-reads", "forwards-timed", "batched"])
     args = ap.parse_args()
-    work = pathlib.Path(tempfile.mkdtemp())
-    for name in ("config.json", "generation_config.json"):
-        if (pathlib.Path(args.config_dir) / name).is_file():
-            shutil.copy(pathlib.Path(args.config_dir) / name, work / name)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    llm = LLM(str(work), dtype=dtype, device=args.device, load_format="dummy", skip_tokenizer_init=True,
-              cache="dual", strategy="reference")
+    llm = dummy_llm(args.config_dir, dtype=dtype, device=args.device, cache="dual", strategy="reference")
     rec = Recorder(llm.engine.runner, args.device)
     print(json.dumps({"setting": {"config": args.config_dir, "device": args.device, "dtype": dtype,
                                   "rate": args.rate, "requests": args.requests, "max_tokens": args.max_tokens,
